@@ -1,0 +1,1 @@
+"""kd_jax: knowledge distillation of CIFAR ResNets in JAX/Flax."""

@@ -1,0 +1,185 @@
+"""CIFAR ResNets that return their logits and the activations distillation reads.
+
+Two families, both with 16/32/64-channel stages of basic blocks and depth 6n+2:
+- `resnet_32_<depth>`: the reference repository's model as its code builds it: a 7x7
+  stem with padding 1 (32x32 images give 28/14/7 maps) and 1x1-conv projection
+  shortcuts.
+- `resnet<depth>`: He et al. (2016)'s CIFAR ResNet: a 3x3 stem (32/16/8 maps) and
+  parameter-free shortcuts (stride-2 subsampling, zero channel padding, "option A"),
+  so ResNet-20 has the 0.27M parameters quoted in the literature.
+
+Every model maps images [N, 32, 32, 3] to `(logits, features)` where features holds
+'stem', 'stage1', 'stage2', 'stage3' (post-ReLU, NHWC) and 'pooled' ([N, 64]).
+"""
+import functools
+import math
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FEATURE_NAMES = ('stem', 'stage1', 'stage2', 'stage3', 'pooled')
+STAGE_WIDTHS = (16, 32, 64)
+
+# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): untruncated normal.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def torch_linear_bias_init(fan_in: int):
+  """PyTorch's default Linear bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch's statistics, optionally across devices.
+
+  Normalises with the biased batch variance but updates the running variance with
+  the unbiased one (n / (n - 1)), as torch.nn.BatchNorm2d does; flax.linen.BatchNorm
+  keeps the biased one, which the reference's small-batch statistics would expose.
+  The variance is the two-pass mean of squared deviations (more exact than
+  E[x^2] - E[x]^2). With `axis_name`, statistics are over the global batch of all
+  devices on that axis, so N devices compute what one device computes.
+  Statistics are computed in at least float32 whatever the compute dtype.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), self.param_dtype)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), self.param_dtype)
+
+    stats_dtype = jnp.promote_types(jnp.promote_types(x.dtype, scale.dtype), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      xs = x.astype(stats_dtype)
+      axes = tuple(range(x.ndim - 1))
+      count = math.prod(x.shape[:-1])
+      mean = jnp.mean(xs, axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+        count *= jax.lax.psum(1, self.axis_name)
+      var = jnp.mean(jnp.square(xs - mean), axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1 - m) * mean
+        running_var.value = m * running_var.value + (1 - m) * var * (count / (count - 1))
+
+    mul = scale * jax.lax.rsqrt(var.astype(stats_dtype) + self.epsilon)
+    y = (x.astype(stats_dtype) - mean) * mul + bias
+    return y.astype(self.dtype or x.dtype)
+
+
+class BasicBlock(nn.Module):
+  """relu(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))."""
+  features: int
+  strides: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  projection_shortcut: bool
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, (3, 3), 1, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    shortcut = x
+    if x.shape != y.shape:
+      if self.projection_shortcut:
+        shortcut = self.conv(self.features, (1, 1), self.strides, padding=0,
+                             name='downsample_conv')(x)
+        shortcut = self.norm(name='downsample_bn')(shortcut)
+      else:
+        shortcut = x[:, ::self.strides, ::self.strides, :]
+        extra = self.features - x.shape[-1]
+        shortcut = jnp.pad(shortcut, ((0, 0),) * 3 + ((extra // 2, extra - extra // 2),))
+    return nn.relu(shortcut + y)
+
+
+class CifarResNet(nn.Module):
+  """A 3-stage CIFAR ResNet; `__call__` returns (logits, features).
+
+  `dtype` is the compute dtype (e.g. jnp.bfloat16 on accelerators); parameters
+  stay `param_dtype`. With dtype None the computation follows the variables' dtype,
+  so float64 variables give a float64 forward pass.
+  """
+  stage_sizes: Sequence[int]
+  num_classes: int
+  stem_kernel: int
+  stem_padding: int
+  projection_shortcut: bool
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                             axis_name=self.axis_name, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    k, p = self.stem_kernel, self.stem_padding
+    x = conv(STAGE_WIDTHS[0], (k, k), 1, padding=p, name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
+    features = {'stem': x}
+    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+      for j in range(num_blocks):
+        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, conv, norm,
+                       self.projection_shortcut, name=f'layer{i + 1}_{j}')(x)
+      features[f'stage{i + 1}'] = x
+    x = jnp.mean(x, axis=(1, 2))
+    features['pooled'] = x
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
+                      bias_init=torch_linear_bias_init(x.shape[-1]), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='fc')(x)
+    return logits, features
+
+
+_MODEL_NAME = re.compile(r'^(resnet_32_|resnet)(\d+)$')
+MODEL_NAME_HELP = ("'resnet_32_<depth>' (the reference's 7x7-stem model) or 'resnet<depth>' "
+                   "(He et al.'s 3x3-stem model), depth 6n+2: 8, 14, 20, 32, 44, 56, 110, ...")
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> CifarResNet:
+  """Builds a model by name, e.g. 'resnet_32_20', 'resnet_32_110', 'resnet56'.
+
+  kwargs go to CifarResNet (dtype, axis_name, bn_momentum, ...).
+  """
+  match = _MODEL_NAME.match(name)
+  depth = int(match.group(2)) if match else 0
+  if not match or depth < 8 or (depth - 2) % 6:
+    raise ValueError(f'unknown model {name!r}; expected {MODEL_NAME_HELP}')
+  n = (depth - 2) // 6
+  if match.group(1) == 'resnet_32_':
+    variant = dict(stem_kernel=7, stem_padding=1, projection_shortcut=True)
+  else:
+    variant = dict(stem_kernel=3, stem_padding=1, projection_shortcut=False)
+  return CifarResNet(stage_sizes=(n, n, n), num_classes=num_classes, **variant, **kwargs)
+
+
+def init_variables(model: CifarResNet, rng, image_shape=(32, 32, 3)):
+  """Initial {'params', 'batch_stats'} of `model` for images of `image_shape`."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return jax.jit(functools.partial(model.init, train=False))(rng, dummy)

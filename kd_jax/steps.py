@@ -1,0 +1,112 @@
+"""Train state, optimizer and the jit-able train and eval steps (no TensorFlow here).
+
+One train step serves every method: the teacher forward, the student forward and
+backward, cross-entropy and the distillation terms are one XLA program. `base` has
+no teacher term, so its step never runs the teacher.
+"""
+import functools
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from kd_jax import distill
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def lr_schedule(base_lr: float, steps_per_epoch: int, boundary_epochs: Sequence[int],
+                decay: float) -> optax.Schedule:
+  """PyTorch MultiStepLR stepped per epoch: lr * decay^k after each boundary epoch."""
+  return optax.piecewise_constant_schedule(
+      base_lr, {int(e) * steps_per_epoch: decay for e in boundary_epochs})
+
+
+def create_optimizer(schedule: optax.Schedule, momentum: float, weight_decay: float,
+                     nesterov: bool = False) -> optax.GradientTransformation:
+  """torch.optim.SGD: weight decay added to the gradient of every parameter
+  (BatchNorm and biases included) before momentum; first momentum buffer = gradient."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+
+
+def create_train_state(model: nn.Module, variables: Mapping, tx) -> TrainState:
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables['batch_stats'], tx=tx)
+
+
+@struct.dataclass
+class Teacher:
+  """What the train step needs of a frozen teacher: its model (static), its variables
+  (passed in as data, never part of the optimised state) and its BatchNorm mode."""
+  model: nn.Module = struct.field(pytree_node=False)
+  variables: Any = None
+  batch_stats_mode: bool = struct.field(pytree_node=False, default=True)
+
+  def __call__(self, images):
+    variables = jax.lax.stop_gradient(self.variables)
+    if self.batch_stats_mode:
+      # As the reference, normalise with the batch's statistics; the running averages
+      # this would update are dropped, so the teacher's variables never change.
+      (logits, features), _ = self.model.apply(variables, images, train=True,
+                                               mutable=['batch_stats'])
+    else:
+      logits, features = self.model.apply(variables, images, train=False)
+    return {**features, 'logits': logits}
+
+
+def _accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optional[Teacher],
+               *, model: nn.Module, method: distill.Method, kd_config: Mapping,
+               axis_name: Optional[str] = None):
+  """One SGD step on the student; returns (new state, metrics).
+
+  With `axis_name` (inside pmap), gradients, metrics and BatchNorm statistics are
+  averaged over that axis, so N devices compute one device's step on the global batch.
+  """
+  images, labels = batch['image'], batch['label']
+  teacher_out = teacher(images) if method.needs_teacher else None
+  weight_ce = distill.ce_weight(method.name, kd_config)
+
+  def loss_fn(params):
+    (logits, features), updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    student_out = {**features, 'logits': logits}
+    ce = distill.cross_entropy(logits, labels)
+    terms = method.loss(student_out, teacher_out, labels, kd_config)
+    total = weight_ce * ce + sum(terms.values())
+    metrics = {'loss': total, 'ce': ce, 'accuracy': _accuracy(logits, labels),
+               **{f'kd_{k}': v for k, v in terms.items()}}
+    return total, (updates['batch_stats'], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if teacher_out is not None:
+    metrics['teacher_accuracy'] = _accuracy(teacher_out['logits'], labels)
+  if axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return new_state, metrics
+
+
+def eval_step(variables: Mapping, batch: Mapping[str, jax.Array], *, model: nn.Module,
+              axis_name: Optional[str] = None):
+  """Sums of loss and correct predictions over the batch's real (mask True) examples."""
+  logits, _ = model.apply(variables, batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(distill.wide(logits), batch['label'])
+  sums = {'loss_sum': jnp.sum(ce * mask),
+          'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+          'count': jnp.sum(mask)}
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums

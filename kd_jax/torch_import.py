@@ -1,0 +1,96 @@
+"""The reference's PyTorch state_dict <-> kd_jax Flax variables.
+
+Names map one to one: `conv1` / `bn1` (stem), `layer{s}.{j}.conv1|bn1|conv2|bn2`,
+`layer{s}.{j}.downsample.0|1` (projection shortcut conv and BN), `fc`. Conv kernels
+are OIHW in PyTorch and HWIO in Flax; linear weights are [out, in] in PyTorch and
+[in, out] in Flax. `num_batches_tracked` has no Flax counterpart and is dropped.
+"""
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+_BN_TORCH_TO_FLAX = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+                     'running_mean': ('batch_stats', 'mean'),
+                     'running_var': ('batch_stats', 'var')}
+_BN_FLAX_TO_TORCH = {v: k for k, v in _BN_TORCH_TO_FLAX.items()}
+
+
+def _module_path(torch_module: str) -> tuple:
+  """'layer2.0.downsample.1' -> ('layer2_0', 'downsample_bn')."""
+  m = re.fullmatch(r'(layer\d+)\.(\d+)\.(.+)', torch_module)
+  if not m:
+    return (torch_module,)
+  sub = {'downsample.0': 'downsample_conv', 'downsample.1': 'downsample_bn'}.get(m[3], m[3])
+  return (f'{m[1]}_{m[2]}', sub)
+
+
+def _torch_module(path: tuple) -> str:
+  if len(path) == 1:
+    return path[0]
+  block, sub = path
+  sub = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}.get(sub, sub)
+  return block.replace('_', '.') + '.' + sub
+
+
+def _is_conv(module_path: tuple) -> bool:
+  return module_path[-1].startswith('conv') or module_path[-1] == 'downsample_conv'
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any]) -> dict:
+  """Converts a reference state_dict to Flax variables shaped like `template`.
+
+  `template` is the {'params', 'batch_stats'} of the target model (e.g. from
+  models.init_variables); every entry must be matched by name and shape, both ways.
+  Arrays keep the state_dict's dtype. Raises ValueError naming what does not fit.
+  """
+  flat = {}
+  for key, value in state_dict.items():
+    module, _, leaf = key.rpartition('.')
+    if leaf == 'num_batches_tracked':
+      continue
+    value = np.asarray(value)
+    path = _module_path(module)
+    if path[-1].startswith('bn') or path[-1] == 'downsample_bn':
+      collection, name = _BN_TORCH_TO_FLAX.get(leaf, ('params', leaf))
+    elif path == ('fc',):
+      collection, name = 'params', {'weight': 'kernel'}.get(leaf, leaf)
+      value = value.T if leaf == 'weight' else value
+    elif _is_conv(path) and leaf == 'weight':
+      collection, name, value = 'params', 'kernel', value.transpose(2, 3, 1, 0)
+    else:
+      raise ValueError(f'unexpected state_dict entry {key!r} for a CIFAR ResNet')
+    flat[(collection, *path, name)] = value
+
+  expected = traverse_util.flatten_dict({k: template[k] for k in ('params', 'batch_stats')})
+  missing = sorted('/'.join(k) for k in expected.keys() - flat.keys())
+  unexpected = sorted('/'.join(k) for k in flat.keys() - expected.keys())
+  if missing or unexpected:
+    raise ValueError(f'state_dict does not fit the model: missing {missing[:5]}'
+                     f'{" ..." if len(missing) > 5 else ""}, unexpected {unexpected[:5]}'
+                     f'{" ..." if len(unexpected) > 5 else ""}')
+  for k, v in expected.items():
+    if flat[k].shape != v.shape:
+      raise ValueError(f"state_dict entry for {'/'.join(k)} has shape {flat[k].shape}, "
+                       f'the model expects {v.shape}')
+  return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(variables: Mapping[str, Any]) -> dict:
+  """The inverse of torch_to_flax: reference state_dict names and layouts (numpy)."""
+  out = {}
+  for (collection, *path, name), value in traverse_util.flatten_dict(
+      {k: variables[k] for k in ('params', 'batch_stats')}).items():
+    value = np.asarray(value)
+    module = _torch_module(tuple(path))
+    if (collection, name) in _BN_FLAX_TO_TORCH:
+      leaf = _BN_FLAX_TO_TORCH[(collection, name)]
+    elif name == 'kernel' and value.ndim == 4:
+      leaf, value = 'weight', value.transpose(3, 2, 0, 1)
+    elif name == 'kernel':
+      leaf, value = 'weight', value.T
+    else:
+      leaf = name
+    out[f'{module}.{leaf}'] = value
+  return out
