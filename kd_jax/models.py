@@ -17,6 +17,7 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -183,3 +184,24 @@ def init_variables(model: CifarResNet, rng, image_shape=(32, 32, 3)):
   """Initial {'params', 'batch_stats'} of `model` for images of `image_shape`."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   return jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+
+
+def variable_shapes(model: CifarResNet, image_shape=(32, 32, 3)):
+  """init_variables' structure as ShapeDtypeStructs, without computing anything."""
+  return jax.eval_shape(lambda rng: init_variables(model, rng, image_shape), jax.random.key(0))
+
+
+def check_variables(variables, template, source: str):
+  """Raises ValueError unless `variables` has the names and shapes of `template`."""
+  got = traverse_util.flatten_dict({k: variables.get(k, {}) for k in ('params', 'batch_stats')})
+  want = traverse_util.flatten_dict({k: template[k] for k in ('params', 'batch_stats')})
+  missing = sorted('/'.join(k) for k in want.keys() - got.keys())
+  unexpected = sorted('/'.join(k) for k in got.keys() - want.keys())
+  if missing or unexpected:
+    raise ValueError(f'{source} does not fit the model: missing {missing[:4]}'
+                     f'{" ..." if len(missing) > 4 else ""}, unexpected {unexpected[:4]}'
+                     f'{" ..." if len(unexpected) > 4 else ""}')
+  for k, v in want.items():
+    if got[k].shape != v.shape:
+      raise ValueError(f"{source} does not fit the model: {'/'.join(k)} has shape "
+                       f'{tuple(got[k].shape)}, the model expects {tuple(v.shape)}')

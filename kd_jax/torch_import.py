@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from kd_jax.models import check_variables
+
 _BN_TORCH_TO_FLAX = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
                      'running_mean': ('batch_stats', 'mean'),
                      'running_var': ('batch_stats', 'var')}
@@ -63,18 +65,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any]) ->
       raise ValueError(f'unexpected state_dict entry {key!r} for a CIFAR ResNet')
     flat[(collection, *path, name)] = value
 
-  expected = traverse_util.flatten_dict({k: template[k] for k in ('params', 'batch_stats')})
-  missing = sorted('/'.join(k) for k in expected.keys() - flat.keys())
-  unexpected = sorted('/'.join(k) for k in flat.keys() - expected.keys())
-  if missing or unexpected:
-    raise ValueError(f'state_dict does not fit the model: missing {missing[:5]}'
-                     f'{" ..." if len(missing) > 5 else ""}, unexpected {unexpected[:5]}'
-                     f'{" ..." if len(unexpected) > 5 else ""}')
-  for k, v in expected.items():
-    if flat[k].shape != v.shape:
-      raise ValueError(f"state_dict entry for {'/'.join(k)} has shape {flat[k].shape}, "
-                       f'the model expects {v.shape}')
-  return traverse_util.unflatten_dict(flat)
+  variables = traverse_util.unflatten_dict(flat)
+  check_variables(variables, template, 'state_dict')
+  return variables
 
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict:
@@ -94,3 +87,27 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict:
       leaf = name
     out[f'{module}.{leaf}'] = value
   return out
+
+
+def load_pth(path: str, template: Mapping[str, Any]) -> dict:
+  """Flax variables from a reference checkpoint file ({'weight': state_dict}).
+
+  torch is needed only here; the file is read with weights_only=True, so it is
+  never unpickled as code.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f'teacher file {path!r} is a PyTorch checkpoint; reading it needs '
+                     'torch (pip install torch)') from None
+  try:
+    saved = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises several types for unreadable files
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'cannot read teacher file {path!r}: {detail}') from None
+  state_dict = saved.get('weight', saved) if isinstance(saved, dict) else None
+  if not isinstance(state_dict, dict) or not all(
+      isinstance(v, torch.Tensor) for v in state_dict.values()):
+    raise ValueError(f"teacher file {path!r} holds no state_dict (expected {{'weight': "
+                     'state_dict}} or a state_dict)')
+  return torch_to_flax({k: v.detach().cpu().numpy() for k, v in state_dict.items()}, template)

@@ -1,0 +1,12 @@
+"""Baseline: cross-entropy only (also how a teacher is trained); CIFAR-10.
+
+ResNet-20 by default, as in the reference's table; `:depth=110` for the 110-layer cell.
+  python main.py --config=configs/base_cifar10.py --workdir=runs/
+  python main.py --config=configs/base_cifar10.py:depth=110 --workdir=runs/
+  python main.py --config=configs/base_cifar10.py:smoke --workdir=runs/   # about a minute on a CPU
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  return default.get_config(arg, method='base', dataset='cifar10')

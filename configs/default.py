@@ -1,0 +1,84 @@
+"""The reference's experiment settings, shared by every config in this folder.
+
+Not run directly: each `<method>_<dataset>.py` calls `get_config` with its method and
+dataset. The config argument (after ':' in --config) is a comma-separated list of
+  smoke       a tiny run (ResNet-8s, 1,024 train / 512 test images, 2 epochs) that
+              finishes in about a minute on a laptop CPU;
+  depth=N     student and teacher `resnet_32_N` (e.g. depth=110 for the 110 >> 110 cells).
+Example: --config=configs/st_cifar100.py:depth=110,smoke
+"""
+import ml_collections
+
+
+def parse_arg(arg):
+  """'depth=110,smoke' -> {'depth': 110, 'smoke': True}."""
+  options = {'smoke': False, 'depth': 20}
+  for token in filter(None, (arg or '').split(',')):
+    key, _, value = token.partition('=')
+    if key not in options or (key == 'smoke') == bool(value):
+      raise ValueError(f"bad config argument {token!r}; expected 'smoke' and/or 'depth=N'")
+    options[key] = int(value) if key == 'depth' else True
+  return options
+
+
+def get_config(arg=None, *, method='base', dataset='cifar10'):
+  options = parse_arg(arg)
+  config = ml_collections.ConfigDict()
+  config.method = method
+  config.dataset = dataset
+  # A local TFDS folder (e.g. ../shared/tfds); None lets TFDS use its default.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.augment = True
+
+  config.model = f"resnet_32_{options['depth']}"
+  config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16, parameters stay fp32
+  config.seed = 0
+
+  # Run directory under --workdir; '' names it after method, dataset, models and seed.
+  config.name = ''
+  config.tag = 'smoke' if options['smoke'] else ''  # appended to derived run names
+
+  config.num_epochs = 200
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.learning_rate = 0.1
+  config.lr_boundaries = (100, 150)  # epochs after which lr is multiplied by lr_decay
+  config.lr_decay = 0.1
+  config.momentum = 0.9
+  config.nesterov = False
+  config.weight_decay = 1e-4  # coupled (PyTorch SGD), on every parameter
+
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.model = config.get_ref('model')
+  # Where the teacher's weights are: '' for the baseline run of teacher.model on this
+  # dataset under the same --workdir (trained first if missing and auto_train), a
+  # kd_jax run directory, or a reference PyTorch .pth file ({'weight': state_dict}).
+  config.teacher.checkpoint = ''
+  config.teacher.auto_train = True
+  config.teacher.seed = 0
+  # 'batch': BatchNorm with batch statistics, as the reference runs its teacher;
+  # 'running': the teacher's running statistics (eval mode).
+  config.teacher.bn_mode = 'batch'
+
+  config.kd = ml_collections.ConfigDict()
+  config.kd.temperature = 4.0
+  config.kd.st_weight = 1.0
+  # Hinton's weighting for st/at_st: (1 - alpha) * CE + alpha * T^2 * KL; None keeps
+  # the reference's CE + st_weight * T^2 * KL.
+  config.kd.alpha = ml_collections.config_dict.placeholder(float)
+  config.kd.at_beta = 1000.0
+  config.kd.logit_target = 'pooled'  # 'pooled' (the reference) or 'logits' (Ba & Caruana)
+  config.kd.logit_weight = 1.0
+  config.kd.fsp_weight = 1.0
+
+  if options['smoke']:
+    config.model = 'resnet_32_8'
+    config.train_split = 'train[:1024]'
+    config.eval_split = 'test[:512]'
+    config.num_epochs = 2
+    config.batch_size = 64
+    config.eval_batch_size = 256
+    config.lr_boundaries = (1,)
+  return config

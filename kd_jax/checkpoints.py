@@ -1,0 +1,75 @@
+"""Orbax checkpoints of a run directory.
+
+- `checkpoints/`: the latest train state and the loop's bookkeeping (epoch, best
+  accuracy, history), for resuming; one kept.
+- `best/`: the student's variables ({'params', 'batch_stats'}) at its best test
+  accuracy, with what a later user of them needs to check them (model, dataset,
+  number of classes); this is what a distillation run loads as its teacher.
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete,
+so an interrupted save never leaves a checkpoint that looks valid.
+"""
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST, BEST = 'checkpoints', 'best'
+
+
+def _manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),  # orbax wants absolute paths
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+                                           read_only=read_only))
+
+
+def has_best(run_dir: str) -> bool:
+  path = os.path.join(run_dir, BEST)
+  return os.path.isdir(path) and _manager(path, read_only=True).latest_step() is not None
+
+
+def restore_best(run_dir: str) -> Tuple[Mapping[str, Any], dict]:
+  """(variables, metadata) of the best checkpoint of `run_dir`, as saved."""
+  with _manager(os.path.join(run_dir, BEST), read_only=True) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f'no best checkpoint in {run_dir!r}')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return restored['variables'], restored['meta']
+
+
+class RunCheckpoints:
+  """The latest and best checkpoints of one run directory."""
+
+  def __init__(self, run_dir: str):
+    self.latest = _manager(os.path.join(run_dir, LATEST))
+    self.best = _manager(os.path.join(run_dir, BEST))
+
+  def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict]]:
+    """(state, bookkeeping) of the latest checkpoint, or None when there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def save_latest(self, step: int, state, meta: Mapping):
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+
+  def save_best(self, step: int, variables, meta: Mapping):
+    self.best.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(dict(meta))))
+
+  def close(self):
+    """Waits for pending (asynchronous) saves to be complete on disk."""
+    self.latest.close()
+    self.best.close()
+
+
+def abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
