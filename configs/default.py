@@ -5,6 +5,7 @@ dataset. The config argument (after ':' in --config) is a comma-separated list o
   smoke       a tiny run (ResNet-8s, 1,024 train / 512 test images, 2 epochs) that
               finishes in about a minute on a laptop CPU;
   depth=N     student and teacher `resnet_32_N` (e.g. depth=110 for the 110 >> 110 cells).
+Overriding --config.model changes the student only; the teacher is --config.teacher.model.
 Example: --config=configs/st_cifar100.py:depth=110,smoke
 """
 import ml_collections
@@ -51,7 +52,7 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
   config.weight_decay = 1e-4  # coupled (PyTorch SGD), on every parameter
 
   config.teacher = ml_collections.ConfigDict()
-  config.teacher.model = config.get_ref('model')
+  config.teacher.model = ''  # set below to the student's model, as the reference's table
   # Where the teacher's weights are: '' for the baseline run of teacher.model on this
   # dataset under the same --workdir (trained first if missing and auto_train), a
   # kd_jax run directory, or a reference PyTorch .pth file ({'weight': state_dict}).
@@ -81,4 +82,6 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
     config.batch_size = 64
     config.eval_batch_size = 256
     config.lr_boundaries = (1,)
+  # A plain copy, not a reference: overriding one of the two must not change the other.
+  config.teacher.model = config.model
   return config

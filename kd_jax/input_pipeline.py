@@ -69,6 +69,11 @@ def _open_split(
   if data_dir is not None and not os.path.isdir(data_dir):
     raise ValueError(f'data_dir {data_dir!r} does not exist')
   builder = tfds.builder(info.name, data_dir=data_dir)
+  if data_dir is None:
+    # TFDS's default folder: download and prepare the dataset the first time, as
+    # tfds.load does (a no-op once prepared). A data_dir given by the user must
+    # already hold it.
+    builder.download_and_prepare()
   try:
     # TFDS (and its mock) attach the exact split size to the dataset, so this
     # reads nothing. `as_dataset` never downloads.
@@ -76,7 +81,7 @@ def _open_split(
   except AssertionError:  # how TFDS reports a dataset that is not prepared
     raise ValueError(
         f'dataset {info.name!r} is not prepared in data_dir {data_dir!r} '
-        f'(nothing at {builder.data_dir})'
+        f'(nothing at {builder.data_dir}); leave data_dir unset to download it'
     ) from None
   except ValueError as e:
     raise ValueError(

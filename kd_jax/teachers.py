@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from kd_jax import checkpoints, models, torch_import
@@ -38,7 +39,7 @@ def load_teacher_variables(config: ml_collections.ConfigDict, template: Mapping,
     if not os.path.isfile(source):
       raise ValueError(f'teacher file {source!r} does not exist')
     logging.info('Teacher: importing the PyTorch checkpoint %s', source)
-    return torch_import.load_pth(source, template)
+    return _cast_like(torch_import.load_pth(source, template), template)
 
   run_dir = source or default_run_dir
   if not checkpoints.has_best(run_dir):
@@ -62,4 +63,8 @@ def load_teacher_variables(config: ml_collections.ConfigDict, template: Mapping,
         f'{tuple(dataset_info.image_shape)}')
   variables = {k: variables[k] for k in ('params', 'batch_stats')}
   models.check_variables(variables, template, f'teacher checkpoint in {run_dir!r}')
-  return jax.tree.map(lambda a, t: a.astype(t.dtype), variables, template)
+  return _cast_like(variables, template)
+
+
+def _cast_like(variables, template):
+  return jax.tree.map(lambda a, t: np.asarray(a).astype(t.dtype), variables, template)

@@ -40,15 +40,19 @@ def _is_conv(module_path: tuple) -> bool:
   return module_path[-1].startswith('conv') or module_path[-1] == 'downsample_conv'
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any]) -> dict:
+def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any],
+                  source: str = 'state_dict') -> dict:
   """Converts a reference state_dict to Flax variables shaped like `template`.
 
   `template` is the {'params', 'batch_stats'} of the target model (e.g. from
   models.init_variables); every entry must be matched by name and shape, both ways.
-  Arrays keep the state_dict's dtype. Raises ValueError naming what does not fit.
+  Arrays keep the state_dict's dtype. Raises ValueError naming what does not fit;
+  `source` names the state_dict's origin in that message.
   """
   flat = {}
   for key, value in state_dict.items():
+    if not isinstance(key, str):
+      raise ValueError(f'{source} has a non-string key {key!r}')
     module, _, leaf = key.rpartition('.')
     if leaf == 'num_batches_tracked':
       continue
@@ -58,15 +62,17 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any]) ->
       collection, name = _BN_TORCH_TO_FLAX.get(leaf, ('params', leaf))
     elif path == ('fc',):
       collection, name = 'params', {'weight': 'kernel'}.get(leaf, leaf)
-      value = value.T if leaf == 'weight' else value
+      value = value.T if leaf == 'weight' and value.ndim == 2 else value
     elif _is_conv(path) and leaf == 'weight':
+      if value.ndim != 4:
+        raise ValueError(f'{source} entry {key!r} has shape {value.shape}; a conv weight is 4-d')
       collection, name, value = 'params', 'kernel', value.transpose(2, 3, 1, 0)
     else:
-      raise ValueError(f'unexpected state_dict entry {key!r} for a CIFAR ResNet')
+      raise ValueError(f'{source} has an unexpected entry {key!r} for a CIFAR ResNet')
     flat[(collection, *path, name)] = value
 
   variables = traverse_util.unflatten_dict(flat)
-  check_variables(variables, template, 'state_dict')
+  check_variables(variables, template, source)
   return variables
 
 
@@ -103,11 +109,14 @@ def load_pth(path: str, template: Mapping[str, Any]) -> dict:
   try:
     saved = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises several types for unreadable files
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f'cannot read teacher file {path!r}: {detail}') from None
+    # torch's own message suggests weights_only=False, which would run the file's code.
+    raise ValueError(f'cannot read teacher file {path!r}: it is corrupt, not a PyTorch '
+                     f'checkpoint, or holds objects other than tensors ({type(e).__name__})'
+                     ) from None
   state_dict = saved.get('weight', saved) if isinstance(saved, dict) else None
   if not isinstance(state_dict, dict) or not all(
       isinstance(v, torch.Tensor) for v in state_dict.values()):
     raise ValueError(f"teacher file {path!r} holds no state_dict (expected {{'weight': "
                      'state_dict}} or a state_dict)')
-  return torch_to_flax({k: v.detach().cpu().numpy() for k, v in state_dict.items()}, template)
+  arrays = {k: v.detach().cpu().float().numpy() for k, v in state_dict.items()}
+  return torch_to_flax(arrays, template, f'teacher file {path!r}')

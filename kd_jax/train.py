@@ -38,18 +38,20 @@ def run_name(config: ml_collections.ConfigDict) -> str:
   return f'{name}_{config.tag}' if config.tag else name
 
 
-def run_identity(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """The settings that decide a run's result: where the data lives, what the run
-  directory is called and whether a teacher may be trained on demand do not."""
-  identity = config.to_dict()
+def run_identity(config) -> Dict[str, Any]:
+  """The settings that decide a run's result (of a ConfigDict or its saved JSON):
+  where the data lives, what the run directory is called and whether a teacher may
+  be trained on demand do not."""
+  identity = json.loads(json.dumps(
+      config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config))
   for key in ('data_dir', 'name'):
-    identity.pop(key)
-  if distill.get_method(config.method).needs_teacher:
-    identity['teacher'].pop('auto_train')
+    identity.pop(key, None)
+  if distill.get_method(identity['method']).needs_teacher:
+    identity['teacher'].pop('auto_train', None)
   else:
-    identity.pop('teacher')
-    identity.pop('kd')
-  return json.loads(json.dumps(identity))  # tuples -> lists, as in the saved file
+    identity.pop('teacher', None)
+    identity.pop('kd', None)
+  return identity
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -59,8 +61,11 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
 
 def validate_config(config: ml_collections.ConfigDict):
   """Refuses values no run can use, before anything is built or written."""
-  distill.get_method(config.method)
+  method = distill.get_method(config.method)
   input_pipeline.get_dataset_info(config.dataset)
+  models.create_model(config.model, num_classes=1)  # refuses unknown names
+  if method.needs_teacher:
+    models.create_model(config.teacher.model, num_classes=1)
   checks = [
       ('num_epochs', config.num_epochs, config.num_epochs >= 1, 'an integer >= 1'),
       ('batch_size', config.batch_size, config.batch_size >= 1, 'an integer >= 1'),
@@ -93,11 +98,7 @@ def _check_run_dir(run_dir: str, config: ml_collections.ConfigDict):
   saved_path = os.path.join(run_dir, CONFIG_FILE)
   if os.path.exists(saved_path):
     with open(saved_path) as f:
-      saved = json.load(f)
-    saved.pop('data_dir', None)
-    saved.pop('name', None)
-    if 'teacher' in saved and 'teacher' in run_identity(config):
-      saved['teacher'].pop('auto_train', None)
+      saved = run_identity(json.load(f))
     new = run_identity(config)
     differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if differ:
@@ -142,21 +143,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   result_path = os.path.join(run_dir, RESULT_FILE)
 
   info = input_pipeline.get_dataset_info(config.dataset)
+  dtype = COMPUTE_DTYPES[config.compute_dtype]
+  model = models.create_model(config.model, info.num_classes, dtype=dtype)
+  method = distill.get_method(config.method)
+  if method.needs_teacher:
+    teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype)
+    _check_method_fits(method, model, teacher_model, config, info)
   train_data = input_pipeline.TrainData(config.dataset, config.train_split, config.batch_size,
                                         config.seed, config.data_dir, augment=config.augment)
   eval_data = input_pipeline.EvalData(config.dataset, config.eval_split,
                                       config.eval_batch_size, config.data_dir)
-  dtype = COMPUTE_DTYPES[config.compute_dtype]
-  model = models.create_model(config.model, info.num_classes, dtype=dtype)
-  method = distill.get_method(config.method)
 
   teacher = None
   if method.needs_teacher:
-    teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype)
-    teacher_template = models.variable_shapes(teacher_model, info.image_shape)
-    _check_method_fits(method, model, teacher_model, config, info)
     variables = teachers.load_teacher_variables(
-        config, teacher_template, info,
+        config, models.variable_shapes(teacher_model, info.image_shape), info,
         default_run_dir=os.path.join(workdir, run_name(teachers.teacher_config(config))),
         train_teacher=lambda teacher_cfg: train_and_evaluate(teacher_cfg, workdir))
     teacher = steps.Teacher(teacher_model, jax.device_put(variables),

@@ -1,0 +1,242 @@
+"""End-to-end runs of the training loop: files written, resume, teachers, bad input.
+
+Runs use real CIFAR-10 from KD_TFDS_DATA_DIR when it is set (CI sets it), mock
+data otherwise; every run is a tiny model on a few hundred images.
+"""
+import contextlib
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from kd_jax import checkpoints, train
+from tests.conftest import TFDS_DATA_DIR
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(method='base', dataset='cifar10', **overrides):
+  config = default.get_config('smoke', method=method, dataset=dataset)
+  config.train_split, config.eval_split = 'train[:256]', 'test[:200]'
+  config.batch_size, config.eval_batch_size = 64, 128
+  config.data_dir = TFDS_DATA_DIR if dataset == 'cifar10' else None
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def data(dataset='cifar10'):
+  """Real CIFAR-10 when given, mock data (256 examples per split) otherwise."""
+  if dataset == 'cifar10' and TFDS_DATA_DIR:
+    return contextlib.nullcontext()
+  return tfds.testing.mock_data(num_examples=256)
+
+
+def tree_listing(root):
+  """Every path under root with its size and mtime: 'nothing written' means equal."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_run_writes_summaries_checkpoints_result(tmp_path):
+  config = tiny_config()
+  with data():
+    result = train.train_and_evaluate(config, str(tmp_path))
+  run_dir = tmp_path / train.run_name(config)
+  assert run_dir.name == 'base_cifar10_resnet_32_8_seed0_smoke'
+  on_disk = json.loads((run_dir / 'result.json').read_text())
+  assert on_disk == json.loads(json.dumps(result))
+  assert result['num_test_images'] == 200 and result['steps'] == 2 * 4
+  assert result['best_accuracy'] == max(h['test_accuracy'] for h in result['history'])
+  assert 0 <= result['best_accuracy'] <= 1 and result['train_images_per_s'] > 0
+  assert json.loads((run_dir / 'config.json').read_text())['model'] == 'resnet_32_8'
+  assert checkpoints.has_best(str(run_dir))
+  variables, meta = checkpoints.restore_best(str(run_dir))
+  assert meta['epoch'] == result['best_epoch'] and meta['num_classes'] == 10
+
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  (events,) = glob.glob(str(run_dir / 'events.out.tfevents.*'))
+  acc = event_accumulator.EventAccumulator(events, size_guidance={'tensors': 0})
+  acc.Reload()
+  tags = set(acc.Tags()['tensors'])
+  assert {'train/loss', 'train/accuracy', 'test/loss', 'test/accuracy', 'learning_rate',
+          'test/best_accuracy'} <= tags
+  test_acc = [float(tf_event.tensor_proto.float_val[0]) if tf_event.tensor_proto.float_val
+              else float(np.frombuffer(tf_event.tensor_proto.tensor_content, np.float32)[0])
+              for tf_event in acc.Tensors('test/accuracy')]
+  np.testing.assert_allclose(test_acc, [h['test_accuracy'] for h in result['history']], rtol=1e-6)
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
+  config = tiny_config(num_epochs=3)
+  with data():
+    reference = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
+
+    calls = {'n': 0}
+    real_evaluate = train.evaluate
+
+    def evaluate_then_die(*args):
+      calls['n'] += 1
+      if calls['n'] == 2:  # after epoch 1's checkpoint, during epoch 2's evaluation
+        raise KeyboardInterrupt
+      return real_evaluate(*args)
+
+    monkeypatch.setattr(train, 'evaluate', evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path / 'interrupted'))
+    monkeypatch.setattr(train, 'evaluate', real_evaluate)
+    run_dir = tmp_path / 'interrupted' / train.run_name(config)
+    assert not (run_dir / 'result.json').exists()
+    resumed = train.train_and_evaluate(config, str(tmp_path / 'interrupted'))
+
+  assert resumed['steps'] == reference['steps'] == 12
+  # Same data order and augmentation after resuming: the same numbers as one run.
+  assert [h['test_accuracy'] for h in resumed['history']] == [
+      h['test_accuracy'] for h in reference['history']]
+  assert [h['train_loss'] for h in resumed['history']] == [
+      h['train_loss'] for h in reference['history']]
+  a, _ = checkpoints.restore_best(str(tmp_path / 'uninterrupted' / train.run_name(config)))
+  b, _ = checkpoints.restore_best(str(run_dir))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  # A finished run is not run again.
+  with data():
+    again = train.train_and_evaluate(config, str(tmp_path / 'interrupted'))
+  assert again == json.loads(json.dumps(resumed))
+
+
+def test_teacher_is_trained_once_and_reused(tmp_path, monkeypatch):
+  runs = []
+  real_train_and_evaluate = train.train_and_evaluate
+
+  def recorded(config, workdir):
+    runs.append(f'{config.method} {config.model}')
+    return real_train_and_evaluate(config, workdir)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', recorded)
+  with data():
+    st = train.train_and_evaluate(tiny_config('st'), str(tmp_path))
+    teacher_dir = tmp_path / 'base_cifar10_resnet_32_8_seed0_smoke'
+    assert checkpoints.has_best(str(teacher_dir))
+    listing = tree_listing(teacher_dir)
+    at = train.train_and_evaluate(tiny_config('at'), str(tmp_path))
+  # The first student trained its teacher; the second found it.
+  assert runs == ['st resnet_32_8', 'base resnet_32_8', 'at resnet_32_8']
+  assert tree_listing(teacher_dir) == listing
+  assert st['teacher'] == at['teacher'] == 'resnet_32_8'
+  assert st['name'] == 'st_cifar10_resnet_32_8_from_resnet_32_8_seed0_smoke'
+  assert 'train_teacher_accuracy' in st['history'][0] and 'train_kd_at' in at['history'][0]
+
+
+def _teacher_run(tmp_path):
+  """A finished baseline run on mock CIFAR-10 (10 classes), to misuse as a teacher."""
+  config = tiny_config(num_epochs=1, data_dir=None)
+  with tfds.testing.mock_data(num_examples=256):
+    train.train_and_evaluate(config, str(tmp_path / 'teachers'))
+  return str(tmp_path / 'teachers' / train.run_name(config))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model': 'resnet_32_21'}, "unknown model 'resnet_32_21'"),
+    ({'model': 'wide_resnet'}, "unknown model 'wide_resnet'"),
+    ({'teacher.model': 'resnet_32_9', 'method': 'st'}, "unknown model 'resnet_32_9'"),
+    ({'dataset': 'mnist'}, "unknown dataset 'mnist'"),
+    ({'method': 'crd'}, "unknown method 'crd'"),
+    ({'batch_size': 512}, 'global_batch_size 512 is larger than the 256 examples'),
+    ({'batch_size': 0}, 'config.batch_size=0'),
+    ({'num_epochs': 0}, 'config.num_epochs=0'),
+    ({'learning_rate': -0.1}, 'config.learning_rate=-0.1'),
+    ({'compute_dtype': 'float16'}, "config.compute_dtype='float16'"),
+    ({'teacher.bn_mode': 'eval'}, "config.teacher.bn_mode='eval'"),
+    ({'data_dir': '/nonexistent/tfds'}, "data_dir '/nonexistent/tfds' does not exist"),
+    ({'method': 'st', 'teacher.auto_train': False}, 'teacher.auto_train is False'),
+    ({'method': 'st', 'teacher.checkpoint': '/nowhere/teacher.pth'},
+     "teacher file '/nowhere/teacher.pth' does not exist"),
+    ({'method': 'st', 'teacher.checkpoint': '/nowhere/run'},
+     "teacher.checkpoint '/nowhere/run' is neither"),
+    ({'method': 'at', 'teacher.model': 'resnet8'}, "method 'at' cannot compare"),
+    ({'method': 'at_st', 'teacher.model': 'resnet20'}, "method 'at_st' cannot compare"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, overrides, message):
+  (tmp_path / 'keep.txt').write_text('a user file')
+  before = tree_listing(tmp_path)
+  with data(), pytest.raises(ValueError, match=message) as error:
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert '\n' not in str(error.value)
+  assert tree_listing(tmp_path) == before
+
+
+def test_teacher_from_another_dataset_is_refused(tmp_path):
+  teacher_dir = _teacher_run(tmp_path)
+  config = tiny_config('st', dataset='cifar100', **{'teacher.checkpoint': teacher_dir})
+  before = tree_listing(tmp_path)
+  with tfds.testing.mock_data(num_examples=256), pytest.raises(
+      ValueError, match="trained on 'cifar10' \\(10 classes.*'cifar100' has 100 classes"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert tree_listing(tmp_path) == before
+
+
+def test_teacher_of_another_architecture_is_refused(tmp_path):
+  teacher_dir = _teacher_run(tmp_path)
+  config = tiny_config('st', **{'teacher.checkpoint': teacher_dir, 'teacher.model': 'resnet_32_14',
+                                'data_dir': None})
+  before = tree_listing(tmp_path)
+  with tfds.testing.mock_data(num_examples=256), pytest.raises(
+      ValueError, match='does not fit the model: missing'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert tree_listing(tmp_path) == before
+
+
+def test_run_directory_of_another_config_is_refused(tmp_path):
+  config = tiny_config(num_epochs=1)
+  with data():
+    train.train_and_evaluate(config, str(tmp_path))
+    before = tree_listing(tmp_path)
+    with pytest.raises(ValueError, match='holds a run with another config \\(differs in: '
+                                         'learning_rate\\)'):
+      train.train_and_evaluate(tiny_config(num_epochs=1, learning_rate=0.05), str(tmp_path))
+  assert tree_listing(tmp_path) == before
+
+
+def _main(*args, cwd):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_main_reports_bad_input_in_one_line(tmp_path):
+  proc = _main(f'--config={REPO}/configs/st_cifar100.py:smoke', '--workdir=runs',
+               '--config.model=resnet_32_19', cwd=tmp_path)
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith("error: unknown model 'resnet_32_19'; expected")
+  assert 'Traceback' not in proc.stderr
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(not TFDS_DATA_DIR, reason='needs a TFDS folder with CIFAR-10 '
+                    '(KD_TFDS_DATA_DIR); the same loop runs on mock data above')
+def test_main_smoke_run_on_real_cifar10(tmp_path):
+  proc = _main(f'--config={REPO}/configs/base_cifar10.py:smoke', '--workdir=runs',
+               f'--config.data_dir={TFDS_DATA_DIR}', '--config.num_epochs=1', cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads((tmp_path / 'runs' / 'base_cifar10_resnet_32_8_seed0_smoke' /
+                       'result.json').read_text())
+  assert result['num_test_images'] == 512 and result['steps'] == 1024 // 64
+  assert result['best_accuracy'] > 0.1  # above chance after one epoch on real images
