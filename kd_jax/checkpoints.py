@@ -19,10 +19,14 @@ LATEST, BEST = 'checkpoints', 'best'
 
 
 def _manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+  # Synchronous saves: a CIFAR ResNet's state writes in a fraction of a second, and two
+  # managers saving the same step asynchronously can cross their barriers between
+  # processes (seen as a hang with two processes).
   return ocp.CheckpointManager(
       os.path.abspath(directory),  # orbax wants absolute paths
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                           read_only=read_only))
+                                           read_only=read_only,
+                                           enable_async_checkpointing=False))
 
 
 def has_best(run_dir: str) -> bool:
@@ -57,16 +61,18 @@ class RunCheckpoints:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
 
+  # Saved as host (numpy) copies: the state pmap returns is one device's copy on each
+  # process, which orbax cannot write as a global array from several processes.
   def save_latest(self, step: int, state, meta: Mapping):
     self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(dict(meta))))
 
   def save_best(self, step: int, variables, meta: Mapping):
     self.best.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(dict(meta))))
+        variables=ocp.args.StandardSave(jax.device_get(variables)),
+        meta=ocp.args.JsonSave(dict(meta))))
 
   def close(self):
-    """Waits for pending (asynchronous) saves to be complete on disk."""
     self.latest.close()
     self.best.close()
 

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from kd_jax import checkpoints, distill, input_pipeline, models, steps, teachers
+from kd_jax import checkpoints, distill, input_pipeline, models, parallel, steps, teachers
 
 CONFIG_FILE, RESULT_FILE = 'config.json', 'result.json'
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # None: the variables' dtype
@@ -91,6 +91,8 @@ def validate_config(config: ml_collections.ConfigDict):
   for name, value, ok, accepted in checks:
     if not ok:
       raise ValueError(f'config.{name}={value!r} is not accepted; expected {accepted}')
+  parallel.check_divisible('batch_size', config.batch_size)
+  parallel.check_divisible('eval_batch_size', config.eval_batch_size)
 
 
 def _check_run_dir(run_dir: str, config: ml_collections.ConfigDict):
@@ -144,10 +146,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   info = input_pipeline.get_dataset_info(config.dataset)
   dtype = COMPUTE_DTYPES[config.compute_dtype]
-  model = models.create_model(config.model, info.num_classes, dtype=dtype)
+  model = models.create_model(config.model, info.num_classes, dtype=dtype,
+                               axis_name=parallel.AXIS)
   method = distill.get_method(config.method)
   if method.needs_teacher:
-    teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype)
+    teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype,
+                                        axis_name=parallel.AXIS)
     _check_method_fits(method, model, teacher_model, config, info)
   train_data = input_pipeline.TrainData(config.dataset, config.train_split, config.batch_size,
                                         config.seed, config.data_dir, augment=config.augment)
@@ -164,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             batch_stats_mode=config.teacher.bn_mode == 'batch')
 
   os.makedirs(run_dir, exist_ok=True)
-  if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
     _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
   logging.info('Run %s (%s on %s, %d train / %d test images) in %s', run_name(config),
                config.method, config.dataset, train_data.num_examples, eval_data.num_examples,
@@ -190,9 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with open(result_path) as f:
       return json.load(f)
 
-  train_step = jax.jit(functools.partial(steps.train_step, model=model, method=method,
-                                         kd_config=config.kd.to_dict()), donate_argnums=(0,))
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
+  train_step = parallel.data_parallel(
+      functools.partial(steps.train_step, model=model, method=method,
+                        kd_config=config.kd.to_dict()), num_broadcast_args=1, donate_state=True)
+  eval_step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
   writer = metric_writers.create_default_writer(run_dir, just_logging=jax.process_index() > 0)
   if restored is None:
     writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v

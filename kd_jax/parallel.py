@@ -1,0 +1,59 @@
+"""Data parallelism: every local device through jax.pmap, several hosts through
+jax.distributed. This is the only module that knows about devices.
+
+The train state and the teacher's variables are not replicated by hand: pmap
+broadcasts them (`in_axes=None`) and returns one copy (`out_axes=None`). That copy is
+right only because everything the steps return agrees on every device: gradients
+and metrics are pmean'd, evaluation sums psum'd, and BatchNorm statistics are taken
+over the global batch (models get `axis_name=AXIS`), so N devices compute what one
+device computes on the whole batch.
+
+`jax.pmap` is in maintenance mode in current JAX and runs on `shard_map` since JAX 0.8.
+"""
+import functools
+from typing import Callable, Optional
+
+import jax
+
+AXIS = 'batch'
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, auto: bool = False):
+  """Joins a multi-process run; with `auto`, JAX finds the cluster (SLURM, TPU, ...)."""
+  if coordinator_address is None and not auto:
+    return
+  # Collectives between processes on the CPU backend (tests, CPU clusters) need gloo;
+  # other backends ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def check_divisible(name: str, global_batch_size: int):
+  """A global batch must split evenly over every device of every process."""
+  n = jax.device_count()
+  if global_batch_size % n:
+    raise ValueError(f'config.{name}={global_batch_size} is not divisible by the {n} devices; '
+                     f'use a multiple of {n}')
+
+
+def shard(batch):
+  """[local batch, ...] -> [local devices, local batch / local devices, ...]."""
+  n = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def data_parallel(step: Callable, num_broadcast_args: int = 0, donate_state: bool = False):
+  """pmap of step(state, batch, *broadcast_args, axis_name=AXIS) taking and returning
+  unreplicated values: state and the other arguments are broadcast, the batch is
+  split over the local devices. `step` must reduce what it returns over AXIS."""
+  mapped = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS,
+                    in_axes=(None, 0) + (None,) * num_broadcast_args, out_axes=None,
+                    donate_argnums=(0,) if donate_state else ())
+
+  def run(state, batch, *broadcast_args):
+    return mapped(state, shard(batch), *broadcast_args)
+
+  return run

@@ -1,0 +1,99 @@
+"""Runs tiny training runs in a fresh process for tests/test_parallel.py.
+
+  python tests/parallel_worker.py SPEC_JSON
+SPEC: {"devices": N, "workdir": ..., "runs": [{"method": ..., overrides...}],
+       "out": npz path, "process_id": i, "num_processes": n, "port": p}
+XLA_FLAGS must be set before jax is imported, hence a separate process. Saves the
+final student variables of each run (as evaluated after the last epoch) to `out`.
+With "x64_steps": [methods], instead compares, in float64, a few data-parallel train
+steps and an eval step with the same steps jitted on one device, and saves the
+largest relative differences.
+"""
+import json
+import os
+import sys
+
+spec = json.loads(sys.argv[1])
+os.environ['XLA_FLAGS'] = f"--xla_force_host_platform_device_count={spec['devices']}"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from flax import traverse_util
+
+from kd_jax import distill, models, parallel, steps, train
+from tests.test_train import TFDS_DATA_DIR, tiny_config
+
+
+def compare_x64_steps(methods, num_steps=4):
+  """Largest relative difference between pmap over all devices and one device."""
+  jax.config.update('jax_enable_x64', True)
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+  single, sharded = (models.create_model('resnet_32_8', 10, axis_name=a) for a in (None, parallel.AXIS))
+  tx = steps.create_optimizer(lambda count: 0.1, 0.9, 1e-4)
+  student = as64(models.init_variables(single, jax.random.key(0)))
+  teacher_vars = as64(models.init_variables(single, jax.random.key(1)))
+  diffs = {}
+  for method in methods:
+    kw = dict(method=distill.get_method(method), kd_config={'temperature': 4.0, 'at_beta': 1000.0})
+    step1 = jax.jit(functools.partial(steps.train_step, model=single, **kw))
+    stepn = parallel.data_parallel(functools.partial(steps.train_step, model=sharded, **kw), 1)
+    s1 = sn = steps.create_train_state(single, student, tx)
+    t1, tn = steps.Teacher(single, teacher_vars), steps.Teacher(sharded, teacher_vars)
+    worst = 0.0
+    for i in range(num_steps):
+      batch = {'image': jax.random.normal(jax.random.key(10 + i), (16, 32, 32, 3), jnp.float64),
+               'label': jax.random.randint(jax.random.key(20 + i), (16,), 0, 10)}
+      (s1, m1), (sn, mn) = step1(s1, batch, t1), stepn(sn, batch, tn)
+      rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),
+                         (s1.params, s1.batch_stats, m1), (sn.params, sn.batch_stats, mn))
+      worst = max(worst, *jax.tree.leaves(rel))
+    diffs[method] = worst
+  batch = {'image': jax.random.normal(jax.random.key(3), (16, 32, 32, 3), jnp.float64),
+           'label': jnp.arange(16) % 10, 'mask': jnp.arange(16) < 11}
+  variables = {'params': s1.params, 'batch_stats': s1.batch_stats}
+  e1 = jax.jit(functools.partial(steps.eval_step, model=single))(variables, batch)
+  en = parallel.data_parallel(functools.partial(steps.eval_step, model=sharded))(variables, batch)
+  diffs['eval'] = max(float(abs(e1[k] - en[k]) / max(abs(e1[k]), 1e-30)) for k in e1)
+  diffs['eval_count'] = float(en['count'])
+  return diffs
+
+
+if 'x64_steps' in spec:
+  with open(spec['out'] + '.json', 'w') as f:
+    json.dump({'diffs': compare_x64_steps(spec['x64_steps']),
+               'device_count': jax.device_count()}, f)
+  sys.exit(0)
+
+if spec.get('num_processes', 1) > 1:
+  parallel.initialize_distributed(f"localhost:{spec['port']}", spec['num_processes'],
+                                  spec['process_id'])
+
+last_variables = {}
+real_evaluate = train.evaluate
+
+
+def evaluate_and_keep(eval_step, variables, eval_data):
+  last_variables['v'] = variables
+  return real_evaluate(eval_step, variables, eval_data)
+
+
+train.evaluate = evaluate_and_keep
+data = (contextlib.nullcontext() if TFDS_DATA_DIR
+        else tfds.testing.mock_data(num_examples=256))
+saved, results = {}, []
+with data:
+  for i, run in enumerate(spec['runs']):
+    config = tiny_config(**run)
+    results.append(train.train_and_evaluate(config, spec['workdir']))
+    flat = traverse_util.flatten_dict(jax.device_get(last_variables['v']), sep='/')
+    saved.update({f'{i}/{k}': np.asarray(v) for k, v in flat.items()})
+np.savez(spec['out'], **saved)
+with open(spec['out'] + '.json', 'w') as f:
+  json.dump({'results': results, 'device_count': jax.device_count(),
+             'local_device_count': jax.local_device_count(),
+             'process_index': jax.process_index()}, f)
