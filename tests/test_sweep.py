@@ -1,0 +1,190 @@
+"""The sweep: the grids' plans (no training) and the small grid end to end.
+
+The end-to-end run uses real CIFAR-10 from KD_TFDS_DATA_DIR when it is set, mock
+data otherwise.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from kd_jax import sweep, teachers, train
+from tests.conftest import TFDS_DATA_DIR
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ('base', 'logit', 'st', 'at', 'at_st', 'fsp')
+
+
+def tree_listing(root):
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):
+  runs = sweep.plan('reference', str(tmp_path))
+  cells = [run.cell for run in runs]
+  assert len(runs) == len(set(cells)) == len({run.run_dir for run in runs}) == 6 * 2 * 2 * 3
+  assert set(cells) == {sweep.Cell(m, d, n, s) for m in METHODS for d in ('cifar10', 'cifar100')
+                        for n in (20, 110) for s in (0, 1, 2)}
+  # The four teachers (base, seed 0, per dataset and depth) come first.
+  assert [run.role for run in runs] == ['teacher'] * 4 + ['cell'] * 68
+  assert {run.cell for run in runs[:4]} == {sweep.Cell('base', d, n, 0)
+                                           for d in ('cifar10', 'cifar100') for n in (20, 110)}
+  names = [run.name for run in runs]
+  assert 'base_cifar100_resnet_32_110_seed0' in names[:4]
+  assert 'at_st_cifar10_resnet_32_110_from_resnet_32_110_seed2' in names
+  position = {name: i for i, name in enumerate(names)}
+  for i, run in enumerate(runs):
+    config = run.config
+    assert config.seed == run.cell.seed and config.model == f'resnet_32_{run.cell.depth}'
+    assert (config.method, config.dataset, config.num_epochs) == (
+        run.cell.method, run.cell.dataset, 200)
+    assert run.run_dir == os.path.join(str(tmp_path), train.run_name(config))
+    assert run.status() == 'todo'
+    if run.cell.method != 'base':
+      # The student's teacher is the baseline cell of seed 0: the same run directory.
+      teacher = teachers.teacher_config(config)
+      assert position[train.run_name(teacher)] < i
+      assert runs[position[train.run_name(teacher)]].role == 'teacher'
+      assert train.run_identity(teacher) == train.run_identity(
+          runs[position[train.run_name(teacher)]].config)
+  assert runs[position['at_st_cifar100_resnet_32_20_from_resnet_32_20_seed1']].config.kd.st_weight \
+      == 0.9
+
+
+def test_subsets_and_capped_epochs(tmp_path):
+  runs = sweep.plan('reference', str(tmp_path), methods=['st'], datasets=['cifar100'],
+                    depths=[110], seeds=[1, 2], max_epochs=5, data_dir='/data/tfds')
+  assert [run.name for run in runs] == [
+      'base_cifar100_resnet_32_110_seed0_e5',  # the teacher, though seed 0 is not selected
+      'st_cifar100_resnet_32_110_from_resnet_32_110_seed1_e5',
+      'st_cifar100_resnet_32_110_from_resnet_32_110_seed2_e5']
+  assert [run.role for run in runs] == ['teacher', 'cell', 'cell']
+  assert all(run.config.num_epochs == 5 and run.config.data_dir == '/data/tfds' for run in runs)
+  assert train.run_name(teachers.teacher_config(runs[1].config)) == runs[0].name
+
+  # Baselines alone need no teacher; a cap above the grid's epochs changes nothing.
+  runs = sweep.plan('small', str(tmp_path), methods=['base'], max_epochs=10)
+  assert [(run.role, run.name) for run in runs] == [
+      ('cell', 'base_cifar10_resnet_32_8_seed0_small'),
+      ('cell', 'base_cifar10_resnet_32_8_seed1_small')]
+  assert runs[0].config.num_epochs == 2 and runs[0].config.train_split == 'train[:512]'
+
+  small = sweep.plan('small', str(tmp_path))
+  assert [run.name for run in small][:2] == ['base_cifar10_resnet_32_8_seed0_small',
+                                             'logit_cifar10_resnet_32_8_from_resnet_32_8_seed0_small']
+  assert small[0].role == 'teacher' and len(small) == 8
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({'grid_name': 'huge'}, "unknown grid 'huge'"),
+    ({'methods': ['crd']}, "unknown method 'crd'"),
+    ({'datasets': ['mnist']}, "no config for method 'base' on 'mnist'"),
+    ({'depths': [21]}, "unknown model 'resnet_32_21'"),
+    ({'max_epochs': 0}, 'max_epochs=0'),
+    ({'seeds': []}, 'the selection is empty'),
+])
+def test_bad_selections_are_refused(tmp_path, kwargs, message):
+  kwargs = {'grid_name': 'small', **kwargs}
+  with pytest.raises(ValueError, match=message):
+    sweep.plan(workdir=str(tmp_path), **kwargs)
+  assert not os.listdir(tmp_path)
+
+
+def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatch):
+  runs = sweep.plan('small', str(tmp_path), methods=['base', 'st'])
+  done, partial = runs[0], runs[1]
+  os.makedirs(done.run_dir)
+  with open(os.path.join(done.run_dir, 'result.json'), 'w') as f:
+    json.dump({}, f)
+  os.makedirs(partial.run_dir)
+  with open(os.path.join(partial.run_dir, 'config.json'), 'w') as f:
+    json.dump({}, f)
+  assert [run.status() for run in runs] == ['done', 'partial', 'todo', 'todo']
+  plan_text = sweep.format_plan(runs)
+  assert plan_text.splitlines()[0].split() == ['done', 'teacher', done.run_dir]
+  assert plan_text.splitlines()[-1] == '4 runs: 1 done, 1 partial, 2 todo'
+
+  calls = []
+  monkeypatch.setattr(train, 'train_and_evaluate',
+                      lambda config, workdir: calls.append((train.run_name(config), workdir)))
+  messages = []
+  trained = sweep.run(runs, str(tmp_path), log=messages.append)
+  assert trained == [run.name for run in runs[1:]]
+  assert calls == [(run.name, str(tmp_path)) for run in runs[1:]]
+  assert messages[:2] == [f'[1/4] done: {done.name}', f'[2/4] resuming: {partial.name}']
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kd_jax.sweep', '--grid=reference', f'--workdir={tmp_path}/runs',
+       '--methods=base,at', '--depths=110', '--seeds=0,1', '--dry_run'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0].split() == ['todo', 'teacher', f'{tmp_path}/runs/base_cifar10_resnet_32_110_seed0']
+  assert lines[-1] == '8 runs: 0 done, 0 partial, 8 todo'
+  assert not os.listdir(tmp_path)
+
+
+def _data():
+  if TFDS_DATA_DIR:
+    return contextlib.nullcontext()
+  return tfds.testing.mock_data(num_examples=256)
+
+
+def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'runs')
+  selection = dict(methods=['base', 'st', 'at'], seeds=[0], max_epochs=1)
+  calls = []
+  real_train_and_evaluate = train.train_and_evaluate
+
+  def counted(config, root):
+    calls.append(train.run_name(config))
+    return real_train_and_evaluate(config, root)
+
+  monkeypatch.setattr(train, 'train_and_evaluate', counted)
+  runs = sweep.plan('small', workdir, data_dir=TFDS_DATA_DIR, **selection)
+  with _data():
+    sweep.run(runs, workdir, log=lambda _: None)
+  # The teacher first, once; the students found it.
+  assert calls == ['base_cifar10_resnet_32_8_seed0_small_e1',
+                   'st_cifar10_resnet_32_8_from_resnet_32_8_seed0_small_e1',
+                   'at_cifar10_resnet_32_8_from_resnet_32_8_seed0_small_e1']
+  for run in runs:
+    with open(os.path.join(run.run_dir, 'result.json')) as f:
+      result = json.load(f)
+    assert (result['seed'], result['epochs']) == (0, 1)
+    assert result['num_test_images'] == 256
+
+  # Rerunning trains nothing, in this process ...
+  calls.clear()
+  with _data():
+    assert sweep.run(sweep.plan('small', workdir, **selection), workdir, log=lambda _: None) == []
+  assert calls == []
+  # ... or from the command line, which then writes the report.
+  listing = tree_listing(workdir)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kd_jax.sweep', '--grid=small', f'--workdir={workdir}',
+       '--methods=base,st,at', '--seeds=0', '--max_epochs=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '3 runs: 3 done, 0 partial, 0 todo' in proc.stdout
+  assert 'training' not in proc.stdout and 'resuming' not in proc.stdout
+  after = tree_listing(workdir)
+  assert {k: v for k, v in after.items() if not k.startswith('report')} == listing
+  report_dir = os.path.join(workdir, 'report')
+  table = open(os.path.join(report_dir, 'table.md')).read()
+  assert '| Method | CIFAR 10 8 >> 8 | avg |' in table
+  assert all(f'| {label} |' in table for label in ('baseline', 'ST', 'AT'))
+  for png in ('curves_cifar10_resnet_32_8.png', 'bars.png'):
+    assert os.path.getsize(os.path.join(report_dir, png)) > 1000
