@@ -51,6 +51,11 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
   config.nesterov = False
   config.weight_decay = 1e-4  # coupled (PyTorch SGD), on every parameter
 
+  # Mid-epoch checkpoints (0: only at the end of each epoch); SIGTERM/SIGINT always save.
+  config.checkpoint_every_steps = 0
+  # Skip (instead of stopping at) steps whose loss or gradient is not finite.
+  config.skip_nonfinite_steps = False
+
   config.teacher = ml_collections.ConfigDict()
   config.teacher.model = ''  # set below to the student's model, as the reference's table
   # Where the teacher's weights are: '' for the baseline run of teacher.model on this

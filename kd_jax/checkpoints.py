@@ -18,6 +18,10 @@ import orbax.checkpoint as ocp
 LATEST, BEST = 'checkpoints', 'best'
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
 def _manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
   # Synchronous saves: a CIFAR ResNet's state writes in a fraction of a second, and two
   # managers saving the same step asynchronously can cross their barriers between
@@ -64,13 +68,23 @@ class RunCheckpoints:
   # Saved as host (numpy) copies: the state pmap returns is one device's copy on each
   # process, which orbax cannot write as a global array from several processes.
   def save_latest(self, step: int, state, meta: Mapping):
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(dict(meta))))
+    self._save(self.latest, step, state=ocp.args.StandardSave(jax.device_get(state)),
+               meta=ocp.args.JsonSave(dict(meta)))
 
   def save_best(self, step: int, variables, meta: Mapping):
-    self.best.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(jax.device_get(variables)),
-        meta=ocp.args.JsonSave(dict(meta))))
+    self._save(self.best, step, variables=ocp.args.StandardSave(jax.device_get(variables)),
+               meta=ocp.args.JsonSave(dict(meta)))
+
+  @staticmethod
+  def _save(manager, step, **items):
+    try:
+      if step in manager.all_steps():
+        # Redone after a crash between this save and the next latest one: replace it.
+        manager.delete(step)
+      manager.save(step, args=ocp.args.Composite(**items))
+    except OSError as e:
+      raise CheckpointError(f'cannot save the checkpoint of step {step} in {manager.directory}: '
+                            f'{e.strerror or e}; the previous checkpoint is intact') from e
 
   def close(self):
     self.latest.close()

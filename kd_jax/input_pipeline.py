@@ -73,7 +73,14 @@ def _open_split(
     # TFDS's default folder: download and prepare the dataset the first time, as
     # tfds.load does (a no-op once prepared). A data_dir given by the user must
     # already hold it.
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # network and mirror errors come in many types
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(
+          f'cannot download {info.name!r} into the TFDS folder {builder.data_dir!r} '
+          f'({type(e).__name__}: {detail[:200]}); set data_dir to a prepared TFDS folder'
+      ) from None
   try:
     # TFDS (and its mock) attach the exact split size to the dataset, so this
     # reads nothing. `as_dataset` never downloads.

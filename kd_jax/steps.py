@@ -67,11 +67,13 @@ def _accuracy(logits, labels):
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optional[Teacher],
                *, model: nn.Module, method: distill.Method, kd_config: Mapping,
-               axis_name: Optional[str] = None):
+               skip_nonfinite: bool = False, axis_name: Optional[str] = None):
   """One SGD step on the student; returns (new state, metrics).
 
   With `axis_name` (inside pmap), gradients, metrics and BatchNorm statistics are
   averaged over that axis, so N devices compute one device's step on the global batch.
+  With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the
+  parameters, BatchNorm statistics and optimizer state as they were (metric 'skipped').
   """
   images, labels = batch['image'], batch['label']
   teacher_out = teacher(images) if method.needs_teacher else None
@@ -94,7 +96,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
     metrics['teacher_accuracy'] = _accuracy(teacher_out['logits'], labels)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+  metrics['grad_norm'] = optax.tree_utils.tree_norm(grads)
+  # Huge updates can overflow the running statistics while the loss is still finite.
+  metrics['batch_stats_max'] = jnp.max(jnp.stack([jnp.max(jnp.abs(x))
+                                              for x in jax.tree.leaves(batch_stats)]))
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics['param_norm'] = optax.tree_utils.tree_norm(new_state.params)
+  if skip_nonfinite:
+    finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+              & jnp.isfinite(metrics['batch_stats_max']) & jnp.isfinite(metrics['param_norm']))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace(step=state.step + 1)  # the data moved on all the same
+    metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
 
 

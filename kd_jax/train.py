@@ -5,11 +5,14 @@ A run directory lives under --workdir and is named after its cell (method, datas
 student, teacher, seed), so every run of a study shares one root and a teacher is
 the baseline run of its model, reused by every student that needs it.
 """
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -25,6 +28,38 @@ from flax import traverse_util
 from kd_jax import checkpoints, distill, input_pipeline, models, parallel, steps, teachers
 
 CONFIG_FILE, RESULT_FILE = 'config.json', 'result.json'
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped training after a checkpoint was saved."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step's loss or gradient was not finite."""
+
+
+class _StopRequest:
+  signal: Optional[str] = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """SIGTERM and SIGINT ask the loop to save a checkpoint and stop at the next step."""
+  stop = _StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield stop  # signal handlers can only be installed from the main thread
+    return
+
+  def request(signum, frame):
+    del frame
+    stop.signal = signal.Signals(signum).name
+
+  previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # None: the variables' dtype
 
 
@@ -40,11 +75,11 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 
 def run_identity(config) -> Dict[str, Any]:
   """The settings that decide a run's result (of a ConfigDict or its saved JSON):
-  where the data lives, what the run directory is called and whether a teacher may
-  be trained on demand do not."""
+  where the data lives, what the run directory is called, how often it checkpoints
+  and whether a teacher may be trained on demand do not."""
   identity = json.loads(json.dumps(
       config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config))
-  for key in ('data_dir', 'name'):
+  for key in ('data_dir', 'name', 'checkpoint_every_steps'):
     identity.pop(key, None)
   if distill.get_method(identity['method']).needs_teacher:
     identity['teacher'].pop('auto_train', None)
@@ -87,6 +122,8 @@ def validate_config(config: ml_collections.ConfigDict):
       ('kd.temperature', config.kd.temperature, config.kd.temperature > 0, 'a number > 0'),
       ('kd.alpha', config.kd.alpha, config.kd.alpha is None or 0 <= config.kd.alpha <= 1,
        'None or a number in [0, 1]'),
+      ('checkpoint_every_steps', config.checkpoint_every_steps,
+       config.checkpoint_every_steps >= 0, 'an integer >= 0'),
   ]
   for name, value, ok, accepted in checks:
     if not ok:
@@ -95,21 +132,42 @@ def validate_config(config: ml_collections.ConfigDict):
   parallel.check_divisible('eval_batch_size', config.eval_batch_size)
 
 
-def _check_run_dir(run_dir: str, config: ml_collections.ConfigDict):
-  """Refuses a run directory that holds another run (a different config)."""
+IF_CONFIG_DIFFERS = ('refuse', 'restart', 'resume')
+
+
+def _check_run_dir(run_dir: str, config: ml_collections.ConfigDict,
+                   if_config_differs: str = 'refuse') -> Optional[str]:
+  """Refuses a run directory that holds another run (a different config), unless told
+  to restart (returns 'restart') or to resume with the new config (returns 'resume')."""
+  if if_config_differs not in IF_CONFIG_DIFFERS:
+    raise ValueError(f'if_config_differs={if_config_differs!r} is not accepted; expected one '
+                     f'of: {", ".join(IF_CONFIG_DIFFERS)}')
   saved_path = os.path.join(run_dir, CONFIG_FILE)
   if os.path.exists(saved_path):
     with open(saved_path) as f:
       saved = run_identity(json.load(f))
     new = run_identity(config)
     differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
-    if differ:
+    if differ and if_config_differs == 'refuse':
       raise ValueError(f'run directory {run_dir!r} holds a run with another config '
-                       f'(differs in: {", ".join(differ)}); choose another --config.name '
-                       'or --workdir, or delete it to start over')
+                       f'(differs in: {", ".join(differ)}); choose another --config.name or '
+                       '--workdir, or pass --if_config_differs=restart (the old run is kept '
+                       'beside it) or =resume (continue it with the new config)')
+    return if_config_differs if differ else None
   elif os.path.isdir(run_dir) and os.listdir(run_dir):
     raise ValueError(f'run directory {run_dir!r} exists and is not a kd_jax run; '
                      'choose another --config.name or --workdir')
+  return None
+
+
+def _check_writable(workdir: str):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir!r} exists and is not a directory')
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'workdir {workdir!r} is not writable ({parent!r} is read-only)')
 
 
 def _write_json_atomic(path: str, obj):
@@ -136,12 +194,19 @@ def evaluate(eval_step, variables, eval_data) -> Dict[str, float]:
           'accuracy': float(totals['correct']) / count, 'count': count}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes, or trains the teacher first) one run; returns its result."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       if_config_differs: str = 'refuse') -> Dict[str, Any]:
+  """Trains (or resumes, or trains the teacher first) one run; returns its result.
+
+  Everything is checked before anything is written. A run directory holding a run
+  of another config is refused, or with `if_config_differs` 'restart', moved aside
+  and started anew, or with 'resume', continued with the new config.
+  """
   validate_config(config)
   workdir = os.path.abspath(workdir)
+  _check_writable(workdir)
   run_dir = os.path.join(workdir, run_name(config))
-  _check_run_dir(run_dir, config)
+  config_change = _check_run_dir(run_dir, config, if_config_differs)
   result_path = os.path.join(run_dir, RESULT_FILE)
 
   info = input_pipeline.get_dataset_info(config.dataset)
@@ -167,6 +232,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     teacher = steps.Teacher(teacher_model, jax.device_put(variables),
                             batch_stats_mode=config.teacher.bn_mode == 'batch')
 
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  if config_change == 'restart' and jax.process_index() == 0:
+    os.replace(run_dir, f'{run_dir}.replaced-{stamp}')
+    logging.info('Config changed: the old run is now %s.replaced-%s', run_dir, stamp)
+  elif config_change == 'resume' and jax.process_index() == 0:
+    os.replace(os.path.join(run_dir, CONFIG_FILE),
+               os.path.join(run_dir, f'config.replaced-{stamp}.json'))
+    if os.path.exists(result_path):
+      os.replace(result_path, os.path.join(run_dir, f'result.replaced-{stamp}.json'))
+    logging.info('Config changed: resuming %s with the new config', run_dir)
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0 and not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
     _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
@@ -183,11 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                    tx)
   ckpt = checkpoints.RunCheckpoints(run_dir)
   restored = ckpt.restore_latest(checkpoints.abstract(state))
-  meta = {'epoch': 0, 'best_accuracy': -1.0, 'best_epoch': 0, 'train_time_s': 0.0,
-          'wall_time_s': 0.0, 'history': []}
+  # The loop's bookkeeping, checkpointed with the state: `epoch` epochs are complete,
+  # `epoch_step` steps of the next one, whose metrics are `epoch_metrics`.
+  meta = {'epoch': 0, 'epoch_step': 0, 'epoch_metrics': [], 'best_accuracy': -1.0,
+          'best_epoch': 0, 'train_time_s': 0.0, 'wall_time_s': 0.0, 'skipped_steps': 0,
+          'history': []}
   if restored is not None:
     state, meta = restored
-    logging.info('Resuming from epoch %d (step %d).', meta['epoch'], int(state.step))
+    logging.info('Resuming from step %d (epoch %d, step %d of %d).', int(state.step),
+                 meta['epoch'] + 1, meta['epoch_step'], steps_per_epoch)
   if meta['epoch'] >= config.num_epochs and os.path.exists(result_path):
     logging.info('Run already finished: %s', result_path)
     ckpt.close()
@@ -196,7 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_step = parallel.data_parallel(
       functools.partial(steps.train_step, model=model, method=method,
-                        kd_config=config.kd.to_dict()), num_broadcast_args=1, donate_state=True)
+                        kd_config=config.kd.to_dict(),
+                        skip_nonfinite=config.skip_nonfinite_steps),
+      num_broadcast_args=1, donate_state=True)
   eval_step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
   writer = metric_writers.create_default_writer(run_dir, just_logging=jax.process_index() > 0)
   if restored is None:
@@ -208,42 +289,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                                     writer=writer, every_secs=60)
   run_start = time.time() - meta['wall_time_s']
   step = int(state.step)
-  for epoch in range(meta['epoch'], config.num_epochs):
-    epoch_start = time.time()
-    step_metrics = []
-    for batch in train_data.epoch(epoch):
-      state, metrics = train_step(state, batch, teacher)
-      step_metrics.append(metrics)
-      step += 1
-      report_progress(step)
-    train = {k: float(np.mean(v)) for k, v in
-             jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(step_metrics)).items()}
-    meta['train_time_s'] += time.time() - epoch_start
-    test = evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                    eval_data)
-    meta['epoch'] = epoch + 1
-    lr = float(schedule(step - 1))
-    if test['accuracy'] > meta['best_accuracy']:
-      meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1
-      ckpt.save_best(step, {'params': state.params, 'batch_stats': state.batch_stats},
-                     {'model': config.model, 'dataset': config.dataset,
-                      'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
-                      'epoch': epoch + 1, 'accuracy': test['accuracy']})
-    meta['history'].append({'epoch': epoch + 1, 'step': step, 'learning_rate': lr,
-                            'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-                            'test_count': test['count'],
-                            **{f'train_{k}': v for k, v in train.items()}})
+  last_saved = step
+
+  def collect(pending):
+    """Moves the pending steps' metrics to the host, refusing non-finite steps."""
+    host = jax.device_get(pending)
+    first = step - len(host)
+    for i, metrics in enumerate(host):
+      bad = {k: v for k, v in metrics.items() if k != 'skipped' and not math.isfinite(v)}
+      if bad and not config.skip_nonfinite_steps:
+        terms = ', '.join(f'{k}={v}' for k, v in bad.items())
+        raise NonFiniteError(
+            f'non-finite training step {first + i + 1} (epoch {epoch + 1}): {terms}; the last '
+            f'checkpoint (step {last_saved}) in {run_dir} is intact; lower the learning rate '
+            'or set --config.skip_nonfinite_steps=True to skip such steps')
+      meta['skipped_steps'] += int(metrics.get('skipped', 0))
+    meta['epoch_metrics'].extend({k: float(v) for k, v in m.items()} for m in host)
+
+  def save_latest():
+    nonlocal last_saved
     meta['wall_time_s'] = time.time() - run_start
     ckpt.save_latest(step, state, meta)
-    writer.write_scalars(step, {'epoch': epoch + 1, 'learning_rate': lr,
-                                **{f'train/{k}': v for k, v in train.items()},
-                                'test/loss': test['loss'], 'test/accuracy': test['accuracy'],
-                                'test/best_accuracy': meta['best_accuracy']})
-    writer.flush()
-    logging.info('epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f '
-                 '(best %.4f @ %d) | lr %g | %.1fs', epoch + 1, config.num_epochs,
-                 train['loss'], train['accuracy'], test['loss'], test['accuracy'],
-                 meta['best_accuracy'], meta['best_epoch'], lr, time.time() - epoch_start)
+    last_saved = step
+
+  with _stop_on_signals() as stop:
+    for epoch in range(meta['epoch'], config.num_epochs):
+      segment_start = time.time()
+      pending = []
+      for batch in train_data.epoch(epoch, start_step=meta['epoch_step']):
+        state, metrics = train_step(state, batch, teacher)
+        pending.append(metrics)
+        step += 1
+        report_progress(step)
+        in_epoch = step - epoch * steps_per_epoch
+        if in_epoch < steps_per_epoch and (stop.signal or (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
+          collect(pending)
+          pending = []
+          meta['epoch_step'] = in_epoch
+          meta['train_time_s'] += time.time() - segment_start
+          segment_start = time.time()
+          save_latest()
+          if stop.signal:
+            raise Interrupted(f'stopped by {stop.signal} at step {step}; the checkpoint is '
+                              f'saved in {run_dir}: rerun the same command to resume')
+      collect(pending)
+      meta['train_time_s'] += time.time() - segment_start
+      train = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
+               for k in meta['epoch_metrics'][0]}
+      test = evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
+                      eval_data)
+      meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
+      lr = float(schedule(step - 1))
+      if test['accuracy'] > meta['best_accuracy']:
+        meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1
+        ckpt.save_best(step, {'params': state.params, 'batch_stats': state.batch_stats},
+                       {'model': config.model, 'dataset': config.dataset,
+                        'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
+                        'epoch': epoch + 1, 'accuracy': test['accuracy']})
+      meta['history'].append({'epoch': epoch + 1, 'step': step, 'learning_rate': lr,
+                              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+                              'test_count': test['count'],
+                              **{f'train_{k}': v for k, v in train.items()}})
+      save_latest()
+      writer.write_scalars(step, {'epoch': epoch + 1, 'learning_rate': lr,
+                                  **{f'train/{k}': v for k, v in train.items()},
+                                  'test/loss': test['loss'], 'test/accuracy': test['accuracy'],
+                                  'test/best_accuracy': meta['best_accuracy']})
+      writer.flush()
+      logging.info('epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f '
+                   '(best %.4f @ %d) | lr %g | %.1fs', epoch + 1, config.num_epochs,
+                   train['loss'], train['accuracy'], test['loss'], test['accuracy'],
+                   meta['best_accuracy'], meta['best_epoch'], lr, time.time() - segment_start)
+      if stop.signal and epoch + 1 < config.num_epochs:
+        raise Interrupted(f'stopped by {stop.signal} after epoch {epoch + 1}; the checkpoint '
+                          f'is saved in {run_dir}: rerun the same command to resume')
   ckpt.close()
   writer.close()
 
@@ -256,6 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       'num_test_images': last['test_count'],
       'epochs': meta['epoch'], 'steps': step, 'batch_size': config.batch_size,
       'wall_time_s': meta['wall_time_s'], 'train_time_s': meta['train_time_s'],
+      'skipped_steps': meta['skipped_steps'],
       'train_images_per_s': step * config.batch_size / max(meta['train_time_s'], 1e-9),
       'config_hash': config_hash(config), **_device_info(),
       'history': meta['history'],

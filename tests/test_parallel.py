@@ -11,7 +11,7 @@ import numpy as np
 from tests.test_train import TINY_TEST_IMAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
+WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
 
 
 def _spawn(spec):

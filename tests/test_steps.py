@@ -9,6 +9,7 @@ import pytest
 
 from kd_jax import distill, models, steps
 
+HEALTH = ('grad_norm', 'param_norm', 'batch_stats_max')
 KD = {'temperature': 4.0, 'st_weight': 1.0, 'at_beta': 1000.0, 'logit_target': 'pooled',
       'alpha': None}
 
@@ -36,7 +37,7 @@ def test_teacher_is_frozen(method):
   for _ in range(2):
     state, metrics = step(state, batch, teacher)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, teacher.variables), before)
-  assert set(metrics) == {'loss', 'ce', 'accuracy', 'teacher_accuracy',
+  assert set(metrics) == {'loss', 'ce', 'accuracy', 'teacher_accuracy', *HEALTH,
                           *(f'kd_{k}' for k in ('at', 'st') if k in method),
                           *(['kd_fsp'] if method == 'fsp' else [])}
   np.testing.assert_allclose(
@@ -72,7 +73,7 @@ def test_teacher_batch_norm_modes():
 def test_base_never_runs_the_teacher():
   state, _, step, batch = _setup('base')
   state, metrics = step(state, batch, None)
-  assert set(metrics) == {'loss', 'ce', 'accuracy'}
+  assert set(metrics) == {'loss', 'ce', 'accuracy', *HEALTH}
   assert int(state.step) == 1
 
 

@@ -1,6 +1,6 @@
-"""Runs tiny training runs in a fresh process for tests/test_parallel.py.
+"""Runs tiny training runs in a fresh process (tests/test_parallel.py, test_reliability.py).
 
-  python tests/parallel_worker.py SPEC_JSON
+  python tests/train_worker.py SPEC_JSON
 SPEC: {"devices": N, "workdir": ..., "runs": [{"method": ..., overrides...}],
        "out": npz path, "process_id": i, "num_processes": n, "port": p}
 XLA_FLAGS must be set before jax is imported, hence a separate process. Saves the
