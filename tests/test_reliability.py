@@ -67,7 +67,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_result(tmp_path, un
   rng = random.Random(0)
   run_dir = tmp_path / 'runs' / train.run_name(tiny_config())
   kills = []
-  for target in (2, 4, 6, 9):
+  for target in (2, 4, 9):
     proc = _spawn(tmp_path / 'runs', tmp_path / 'out.npz', checkpoint_every_steps=1)
     while not _saved_steps(run_dir) or _saved_steps(run_dir)[-1] < target:
       assert proc.poll() is None, proc.communicate()[0][-3000:]

@@ -14,19 +14,10 @@ import tensorflow_datasets as tfds
 
 from kd_jax import sweep, teachers, train
 from tests.conftest import TFDS_DATA_DIR
+from tests.test_train import tree_listing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('base', 'logit', 'st', 'at', 'at_st', 'fsp')
-
-
-def tree_listing(root):
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for name in dirnames + filenames:
-      path = os.path.join(dirpath, name)
-      st = os.stat(path)
-      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):

@@ -184,23 +184,15 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, overrides, messag
   assert tree_listing(tmp_path) == before
 
 
-def test_teacher_from_another_dataset_is_refused(tmp_path):
+@pytest.mark.parametrize('overrides,message', [
+    ({'dataset': 'cifar100'}, "trained on 'cifar10' \\(10 classes.*'cifar100' has 100 classes"),
+    ({'teacher.model': 'resnet_32_14'}, 'does not fit the model: missing'),
+])
+def test_teacher_that_does_not_fit_is_refused(tmp_path, overrides, message):
   teacher_dir = _teacher_run(tmp_path)
-  config = tiny_config('st', dataset='cifar100', **{'teacher.checkpoint': teacher_dir})
+  config = tiny_config('st', **{'teacher.checkpoint': teacher_dir, 'data_dir': None, **overrides})
   before = tree_listing(tmp_path)
-  with tfds.testing.mock_data(num_examples=256), pytest.raises(
-      ValueError, match="trained on 'cifar10' \\(10 classes.*'cifar100' has 100 classes"):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert tree_listing(tmp_path) == before
-
-
-def test_teacher_of_another_architecture_is_refused(tmp_path):
-  teacher_dir = _teacher_run(tmp_path)
-  config = tiny_config('st', **{'teacher.checkpoint': teacher_dir, 'teacher.model': 'resnet_32_14',
-                                'data_dir': None})
-  before = tree_listing(tmp_path)
-  with tfds.testing.mock_data(num_examples=256), pytest.raises(
-      ValueError, match='does not fit the model: missing'):
+  with tfds.testing.mock_data(num_examples=256), pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
   assert tree_listing(tmp_path) == before
 
