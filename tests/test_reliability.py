@@ -165,14 +165,13 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     train.train_and_evaluate(tiny_config(), str(tmp_path / 'runs'))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root may write to read-only directories')
-def test_read_only_workdir_is_refused(tmp_path):
-  os.chmod(tmp_path, 0o500)
-  try:
-    with pytest.raises(ValueError, match='is not writable'):
-      train.train_and_evaluate(tiny_config(), str(tmp_path / 'runs'))
-  finally:
-    os.chmod(tmp_path, 0o700)
+def test_read_only_workdir_is_refused(tmp_path, monkeypatch):
+  # Root writes through permission bits, so CI (root) cannot make a real read-only
+  # folder: the permission check itself is made to say no.
+  monkeypatch.setattr(train.os, 'access', lambda path, mode: False)
+  with pytest.raises(ValueError, match=r"workdir '.*runs' is not writable \('.*' is read-only\)"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / 'runs'))
+  assert not os.listdir(tmp_path)
 
 
 def test_failed_save_is_reported_and_the_previous_checkpoint_stays_valid(tmp_path, monkeypatch):
