@@ -4,8 +4,7 @@ One train step serves every method: the teacher forward, the student forward and
 backward, cross-entropy and the distillation terms are one XLA program. `base` has
 no teacher term, so its step never runs the teacher.
 """
-import functools
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax

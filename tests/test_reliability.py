@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from kd_jax import checkpoints, train
 from tests.test_train import REPO, data, tiny_config, tree_listing
