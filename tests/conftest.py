@@ -1,4 +1,6 @@
-"""Shared test fixtures: the parity vectors and the real TFDS folder (when given)."""
+"""Shared test helpers: the parity vectors, the real TFDS folder (when given) and a
+tiny prepared one."""
+import json
 import os
 
 import numpy as np
@@ -33,3 +35,27 @@ def import_reference(vectors, prefix, model_name, num_classes=None):
   model = models.create_model(model_name, num_classes or int(vectors['nclass']))
   variables = torch_import.torch_to_flax(prefixed(vectors, prefix), models.variable_shapes(model))
   return model, variables
+
+
+def write_tiny_cifar10(data_dir, sizes):
+  """A real prepared TFDS data_dir holding a CIFAR-10 of random images with
+  sizes={'train': n, 'test': m}, so that TFDS itself reads (and slices) the splits."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  version_dir = data_dir / 'cifar10' / '3.0.2'
+  version_dir.mkdir(parents=True)
+  features = tfds.builder('cifar10').info.features
+  rng = np.random.default_rng(0)
+  for split, size in sizes.items():
+    path = version_dir / f'cifar10-{split}.tfrecord-00000-of-00001'
+    with tf.io.TFRecordWriter(str(path)) as writer:
+      for i in range(size):
+        writer.write(features.serialize_example({
+            'id': f'{split}_{i}',
+            'image': rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            'label': int(rng.integers(10)),
+        }))
+  splits = [{'name': s, 'shardLengths': [str(n)]} for s, n in sizes.items()]
+  info = {'name': 'cifar10', 'version': '3.0.2', 'splits': splits}
+  (version_dir / 'dataset_info.json').write_text(json.dumps(info))
+  return str(data_dir)

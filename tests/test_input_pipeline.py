@@ -1,16 +1,15 @@
 """Tests of kd_jax.input_pipeline on mock TFDS data, a tiny prepared CIFAR-10 and,
 when KD_TFDS_DATA_DIR names a TFDS data_dir holding it, the real CIFAR-10."""
 import contextlib
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kd_jax import input_pipeline
+from tests.conftest import write_tiny_cifar10
 
 DATASETS = ('cifar10', 'cifar100')
 NUM_MOCK = 64
@@ -28,25 +27,7 @@ def mock_tfds():
 def tiny_cifar10(tmp_path_factory):
   """A real prepared TFDS data_dir with a 41-example train and 31-example test
   CIFAR-10 split, so that TFDS itself resolves (and rejects) split names."""
-  data_dir = tmp_path_factory.mktemp('tfds')
-  version_dir = data_dir / 'cifar10' / '3.0.2'
-  version_dir.mkdir(parents=True)
-  features = tfds.builder('cifar10').info.features
-  rng = np.random.default_rng(0)
-  sizes = {'train': 41, 'test': 31}
-  for split, size in sizes.items():
-    path = version_dir / f'cifar10-{split}.tfrecord-00000-of-00001'
-    with tf.io.TFRecordWriter(str(path)) as writer:
-      for i in range(size):
-        writer.write(features.serialize_example({
-            'id': f'{split}_{i}',
-            'image': rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-            'label': int(rng.integers(10)),
-        }))
-  splits = [{'name': s, 'shardLengths': [str(n)]} for s, n in sizes.items()]
-  info = {'name': 'cifar10', 'version': '3.0.2', 'splits': splits}
-  (version_dir / 'dataset_info.json').write_text(json.dumps(info))
-  return str(data_dir)
+  return write_tiny_cifar10(tmp_path_factory.mktemp('tfds'), {'train': 41, 'test': 31})
 
 
 def read_raw(dataset, split, data_dir=None):
