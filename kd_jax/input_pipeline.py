@@ -106,6 +106,29 @@ def _open_split(
   return num_examples, ds.cache()
 
 
+def load_arrays(
+    dataset: str, split: str, data_dir: Optional[str]
+) -> tuple[np.ndarray, np.ndarray]:
+  """The whole split: uint8 images [N, 32, 32, 3] and int32 labels [N], in TFDS's order.
+
+  For the on-device path (kd_jax.device_data). Every process loads the whole
+  split: that path splits the global batches between devices, not the data.
+  """
+  info = get_dataset_info(dataset)
+  # For its checks and errors only: its dataset is this process's part.
+  num_examples, _ = _open_split(info, split, data_dir)
+  ds = tfds.builder(info.name, data_dir=data_dir).as_dataset(
+      split=split, shuffle_files=False
+  )
+  ds = ds.map(
+      lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  ds = ds.batch(num_examples).with_options(_options())
+  images, labels = ds.get_single_element()
+  return images.numpy(), labels.numpy()
+
+
 def _normalize(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
   image = tf.cast(image, tf.float32) / 255.0
   return (image - tf.constant(info.mean)) / tf.constant(info.std)
