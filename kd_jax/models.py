@@ -10,9 +10,20 @@ Two families, both with 16/32/64-channel stages of basic blocks and depth 6n+2:
 
 Every model maps images [N, 32, 32, 3] to `(logits, features)` where features holds
 'stem', 'stage1', 'stage2', 'stage3' (post-ReLU, NHWC) and 'pooled' ([N, 64]).
+
+Variables are named `conv1`, `bn1` (stem), `layer{s}_{j}` (block j of stage s = 1..3,
+n blocks each) and `fc`. By default (`scan_blocks=True`) blocks 1..n-1 of a stage,
+which all have the same shapes, run as one `nn.scan` named `layer{s}_blocks` whose
+variables carry a leading axis of size n-1 (block j at index j-1), so compile time does
+not grow with depth; block 0, which may change stride and width, stays `layer{s}_0`.
+`scan_blocks=False` unrolls every block as `layer{s}_{j}`; `stack_blocks` and
+`unstack_blocks` convert variables between the two layouts. Convolutions have a
+hand-written gradient (`nhwc_conv`) that XLA:CPU runs in a loop (scanned blocks, scanned
+train steps) as fast as unrolled code.
 """
 import functools
 import math
+import operator
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,9 +31,12 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FEATURE_NAMES = ('stem', 'stage1', 'stage2', 'stage3', 'pooled')
 STAGE_WIDTHS = (16, 32, 64)
+# The collections a scanned stage stacks (leading axis: block); the model has no others.
+SCANNED_COLLECTIONS = ('params', 'batch_stats')
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): untruncated normal.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -88,6 +102,59 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
+def _nhwc_conv(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(1, 1),
+               rhs_dilation=(1, 1)):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, strides, padding):
+  return _nhwc_conv(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _nhwc_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  k, size, out = kernel.shape[:2], x.shape[1:3], dy.shape[1:3]
+  # Rows of the padded input that the last window does not reach (stride > 1) take
+  # no gradient: the transposed convolution pads them back, the kernel's gradient
+  # leaves them out.
+  unused = [n + lo + hi - ((o - 1) * s + kk) for n, (lo, hi), o, s, kk
+            in zip(size, padding, out, strides, k)]
+  dx = _nhwc_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2),
+                  padding=[(kk - 1 - lo, kk - 1 - hi + u)
+                           for kk, (lo, hi), u in zip(k, padding, unused)],
+                  lhs_dilation=strides)
+  # Input channels as the batch and examples as the features give [c_in, kh, kw, c_out].
+  dkernel = _nhwc_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3),
+                       padding=[(lo, hi - u) for (lo, hi), u in zip(padding, unused)],
+                       rhs_dilation=strides)
+  return dx, dkernel.transpose(1, 2, 0, 3)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def nhwc_conv(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, precision):
+  """lax.conv_general_dilated for nn.Conv (NHWC, HWIO), with a gradient made of NHWC
+  convolutions too.
+
+  Autodiff of lax's convolution gives convolutions of other layouts, which XLA:CPU
+  runs with a naive kernel inside loops (jax-ml/jax#12868): in a scanned stage or a
+  scan over train steps, a ResNet-20 step was ~10x slower. Outside loops XLA
+  rewrites them into these same NHWC convolutions, so this costs nothing there.
+  """
+  assert (set(lhs_dilation) == set(rhs_dilation) == {1} and feature_group_count == 1
+          and precision is None and dimension_numbers == jax.lax.conv_dimension_numbers(
+              lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))), 'not a plain NHWC conv'
+  return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+
+
 class BasicBlock(nn.Module):
   """relu(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))."""
   features: int
@@ -131,11 +198,13 @@ class CifarResNet(nn.Module):
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   axis_name: Optional[str] = None
+  scan_blocks: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             conv_general_dilated=nhwc_conv)
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                              axis_name=self.axis_name, dtype=self.dtype,
                              param_dtype=self.param_dtype)
@@ -146,9 +215,17 @@ class CifarResNet(nn.Module):
     x = nn.relu(norm(name='bn1')(x))
     features = {'stem': x}
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
-      for j in range(num_blocks):
-        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, conv, norm,
-                       self.projection_shortcut, name=f'layer{i + 1}_{j}')(x)
+      block = functools.partial(BasicBlock, width, conv=conv, norm=norm,
+                                projection_shortcut=self.projection_shortcut)
+      x = block(2 if i > 0 else 1, name=f'layer{i + 1}_0')(x)
+      if self.scan_blocks and num_blocks > 1:
+        blocks = nn.scan(lambda module, x, _: (module(x), None),
+                         variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+                         split_rngs={'params': True}, length=num_blocks - 1)
+        x, _ = blocks(block(1, name=f'layer{i + 1}_blocks'), x, None)
+      else:
+        for j in range(1, num_blocks):
+          x = block(1, name=f'layer{i + 1}_{j}')(x)
       features[f'stage{i + 1}'] = x
     x = jnp.mean(x, axis=(1, 2))
     features['pooled'] = x
@@ -189,6 +266,65 @@ def init_variables(model: CifarResNet, rng, image_shape=(32, 32, 3)):
 def variable_shapes(model: CifarResNet, image_shape=(32, 32, 3)):
   """init_variables' structure as ShapeDtypeStructs, without computing anything."""
   return jax.eval_shape(lambda rng: init_variables(model, rng, image_shape), jax.random.key(0))
+
+
+_BLOCK = re.compile(r'(layer\d+)_(\d+)')
+_STACKED = re.compile(r'(layer\d+)_blocks')
+
+
+def _stack(leaves):
+  # numpy stays numpy, keeping float64 whatever jax's x64 setting; the rest goes to jax.
+  return np.stack(leaves) if all(isinstance(a, np.ndarray) for a in leaves) else jnp.stack(leaves)
+
+
+def _per_collection(fn, variables):
+  return {c: fn(tree) if c in SCANNED_COLLECTIONS else tree for c, tree in variables.items()}
+
+
+def stack_blocks(variables):
+  """Unrolled layout -> scanned: `layer{s}_{j}` for j >= 1 become `layer{s}_blocks`.
+
+  Takes {'params', 'batch_stats'} or any part of them; other collections, block 0,
+  and variables already in the scanned layout pass through unchanged.
+  """
+  def stack(modules):
+    out, stages = {}, {}
+    for name, tree in modules.items():
+      m = _BLOCK.fullmatch(name)
+      if m and int(m[2]) > 0:
+        out.setdefault(f'{m[1]}_blocks', None)  # where the stage's block 1 was
+        stages.setdefault(f'{m[1]}_blocks', {})[int(m[2])] = tree
+      else:
+        out[name] = tree
+    for name, blocks in stages.items():
+      out[name] = jax.tree.map(lambda *xs: _stack(xs), *(blocks[j] for j in sorted(blocks)))
+    return out
+
+  return _per_collection(stack, variables)
+
+
+def unstack_blocks(variables):
+  """Scanned layout -> unrolled, the inverse of stack_blocks."""
+  def unstack(modules):
+    out = {}
+    for name, tree in modules.items():
+      m = _STACKED.fullmatch(name)
+      if m:
+        for i in range(len(jax.tree.leaves(tree)[0])):
+          out[f'{m[1]}_{i + 1}'] = jax.tree.map(operator.itemgetter(i), tree)
+      else:
+        out[name] = tree
+    return out
+
+  return _per_collection(unstack, variables)
+
+
+def to_layout_of(variables, template):
+  """`variables` (either layout) in the layout of `template`: scanned where it has
+  `layer{s}_blocks` modules, unrolled otherwise."""
+  scanned = any(_STACKED.fullmatch(name)
+                for c in SCANNED_COLLECTIONS for name in template.get(c, {}))
+  return stack_blocks(variables) if scanned else unstack_blocks(variables)
 
 
 def check_variables(variables, template, source: str):

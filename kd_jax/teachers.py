@@ -61,7 +61,8 @@ def load_teacher_variables(config: ml_collections.ConfigDict, template: Mapping,
         f"({meta.get('num_classes')} classes, images {tuple(meta.get('image_shape', ()))}); "
         f'{config.dataset!r} has {dataset_info.num_classes} classes, images '
         f'{tuple(dataset_info.image_shape)}')
-  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  # Checkpoints written unrolled (scan_blocks=False, or before blocks were scanned) fit too.
+  variables = models.to_layout_of({k: variables[k] for k in ('params', 'batch_stats')}, template)
   models.check_variables(variables, template, f'teacher checkpoint in {run_dir!r}')
   return _cast_like(variables, template)
 

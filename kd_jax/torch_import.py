@@ -4,14 +4,18 @@ Names map one to one: `conv1` / `bn1` (stem), `layer{s}.{j}.conv1|bn1|conv2|bn2`
 `layer{s}.{j}.downsample.0|1` (projection shortcut conv and BN), `fc`. Conv kernels
 are OIHW in PyTorch and HWIO in Flax; linear weights are [out, in] in PyTorch and
 [in, out] in Flax. `num_batches_tracked` has no Flax counterpart and is dropped.
+The names are those of the unrolled layout (`layer{s}_{j}`); a model that scans its
+blocks (`layer{s}_blocks`, see kd_jax.models) gets them stacked on import and
+unstacked on export.
 """
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
-from kd_jax.models import check_variables
+from kd_jax import models
 
 _BN_TORCH_TO_FLAX = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
                      'running_mean': ('batch_stats', 'mean'),
@@ -45,9 +49,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any],
   """Converts a reference state_dict to Flax variables shaped like `template`.
 
   `template` is the {'params', 'batch_stats'} of the target model (e.g. from
-  models.init_variables); every entry must be matched by name and shape, both ways.
-  Arrays keep the state_dict's dtype. Raises ValueError naming what does not fit;
-  `source` names the state_dict's origin in that message.
+  models.init_variables), in either layout; every entry must be matched by name and
+  shape, both ways. Arrays keep the state_dict's dtype. Raises ValueError naming what
+  does not fit; `source` names the state_dict's origin in that message.
   """
   flat = {}
   for key, value in state_dict.items():
@@ -72,16 +76,19 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any],
     flat[(collection, *path, name)] = value
 
   variables = traverse_util.unflatten_dict(flat)
-  check_variables(variables, template, source)
-  return variables
+  # Checked unrolled, where the names and shapes are the state_dict's own.
+  unrolled = jax.eval_shape(models.unstack_blocks,
+                            {k: template[k] for k in ('params', 'batch_stats')})
+  models.check_variables(variables, unrolled, source)
+  return models.to_layout_of(variables, template)
 
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict:
   """The inverse of torch_to_flax: reference state_dict names and layouts (numpy)."""
   out = {}
+  variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
   for (collection, *path, name), value in traverse_util.flatten_dict(
-      {k: variables[k] for k in ('params', 'batch_stats')}).items():
-    value = np.asarray(value)
+      models.unstack_blocks(variables)).items():
     module = _torch_module(tuple(path))
     if (collection, name) in _BN_FLAX_TO_TORCH:
       leaf = _BN_FLAX_TO_TORCH[(collection, name)]

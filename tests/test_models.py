@@ -1,4 +1,7 @@
-"""Models: shapes, sizes, init, names, dtypes, cross-device BatchNorm (parity: test_parity.py)."""
+"""Models: shapes, sizes, init, names, dtypes, cross-device BatchNorm, scanned and unrolled
+blocks (parity: test_parity.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +12,13 @@ from tests.conftest import import_reference, load_parity, rel_err
 
 # Counted by hand from the architectures; He et al.'s ResNet-20/56/110 for CIFAR-10
 # are the 0.27M / 0.85M / 1.7M of the literature.
+@pytest.mark.parametrize('scan_blocks', [True, False])
 @pytest.mark.parametrize('name,num_classes,params', [
     ('resnet_32_20', 10, 274_394), ('resnet_32_20', 100, 280_244),
     ('resnet_32_110', 10, 1_732_634), ('resnet20', 10, 269_722), ('resnet56', 10, 853_018),
     ('resnet56', 100, 858_868), ('resnet110', 10, 1_727_962)])
-def test_parameter_counts(name, num_classes, params):
-  shapes = models.variable_shapes(models.create_model(name, num_classes))
+def test_parameter_counts(name, num_classes, params, scan_blocks):
+  shapes = models.variable_shapes(models.create_model(name, num_classes, scan_blocks=scan_blocks))
   assert sum(x.size for x in jax.tree.leaves(shapes['params'])) == params
 
 
@@ -73,8 +77,9 @@ def test_bad_model_names(name):
 
 
 def test_cross_device_batch_norm_equals_global_batch():
-  model = models.create_model('resnet_32_8', 10)
-  sharded = models.create_model('resnet_32_8', 10, axis_name='batch')
+  # Two blocks per stage, so the statistics are also averaged inside a scanned stage.
+  model = models.create_model('resnet_32_14', 10)
+  sharded = models.create_model('resnet_32_14', 10, axis_name='batch')
   variables = models.init_variables(model, jax.random.key(1))
   x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
 
@@ -88,3 +93,131 @@ def test_cross_device_batch_norm_equals_global_batch():
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_v)):
     np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(b[1], a, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_layout():
+  shapes = models.variable_shapes(models.create_model('resnet_32_20', 10))
+  unrolled = models.variable_shapes(models.create_model('resnet_32_20', 10, scan_blocks=False))
+  for collection in ('params', 'batch_stats'):
+    assert sorted(shapes[collection]) == sorted(
+        ['bn1', 'layer1_0', 'layer1_blocks', 'layer2_0', 'layer2_blocks', 'layer3_0',
+         'layer3_blocks'] + (['conv1', 'fc'] if collection == 'params' else []))
+    assert sorted(unrolled[collection]) == sorted(
+        ['bn1', *(f'layer{s}_{j}' for s in (1, 2, 3) for j in range(3))]
+        + (['conv1', 'fc'] if collection == 'params' else []))
+  assert shapes['params']['layer2_blocks']['conv1']['kernel'].shape == (2, 3, 3, 32, 32)
+  assert shapes['batch_stats']['layer3_blocks']['bn2']['var'].shape == (2, 64)
+  one_block = models.variable_shapes(models.create_model('resnet_32_8', 10))
+  assert not any(k.endswith('_blocks') for k in one_block['params'])
+
+
+def test_stack_and_unstack_blocks_are_inverses():
+  shapes = models.variable_shapes(models.create_model('resnet_32_20', 10, scan_blocks=False))
+  rng = np.random.default_rng(0)
+  unrolled = jax.tree.map(lambda s: rng.standard_normal(s.shape), shapes)  # float64 numpy
+  unrolled['other'] = {'layer1_1': np.zeros(3)}  # not a scanned collection: passes through
+  stacked = models.stack_blocks(unrolled)
+  scanned = models.variable_shapes(models.create_model('resnet_32_20', 10))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), {k: stacked[k] for k in scanned}) == \
+      jax.tree.map(lambda s: (s.shape, np.dtype('float64')), scanned)
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(stacked))
+  np.testing.assert_array_equal(stacked['params']['layer2_blocks']['conv2']['kernel'][1],
+                                unrolled['params']['layer2_2']['conv2']['kernel'])
+  assert stacked['other'] is unrolled['other']
+  back = models.unstack_blocks(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+  jax.tree.map(np.testing.assert_array_equal, back, unrolled)
+  # Each is the identity on the other's output, and works on a part of the collections.
+  jax.tree.map(np.testing.assert_array_equal, models.stack_blocks(stacked), stacked)
+  jax.tree.map(np.testing.assert_array_equal, models.unstack_blocks(unrolled), unrolled)
+  jax.tree.map(np.testing.assert_array_equal,
+               models.stack_blocks({'batch_stats': unrolled['batch_stats']}),
+               {'batch_stats': stacked['batch_stats']})
+  for variables in (stacked, unrolled):
+    assert models.to_layout_of(variables, scanned)['params'].keys() == stacked['params'].keys()
+    assert models.to_layout_of(variables, shapes)['params'].keys() == unrolled['params'].keys()
+
+
+@pytest.mark.parametrize('name', ['resnet_32_14', 'resnet14', 'resnet_32_8'])
+def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
+  """Eval outputs; train outputs, batch statistics and gradients. In float64: XLA fuses
+  a scanned block differently, so float32 results can differ in the last bits."""
+  unrolled = models.create_model(name, 10, scan_blocks=False)
+  scanned = models.create_model(name, 10)
+  with jax.enable_x64(True):
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                             models.init_variables(unrolled, jax.random.key(0)))
+    # Running statistics that differ per block, so a mixed-up order would show.
+    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(variables))))
+    variables['batch_stats'] = jax.tree.map(
+        lambda a: a + jax.random.uniform(next(keys), a.shape, a.dtype), variables['batch_stats'])
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
+
+    def evaluate(model, variables):
+      logits, features = jax.jit(model.apply, static_argnames='train')(variables, x, train=False)
+      return {'logits': logits, **features}
+
+    def train(model, variables):
+      def loss(params):
+        (logits, features), updates = model.apply(
+            {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+            mutable=['batch_stats'])
+        total = jnp.sum(jnp.sin(logits)) + sum(jnp.sum(jnp.sin(f)) for f in features.values())
+        return total, ({'logits': logits, **features}, updates['batch_stats'])
+      return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+    stacked = models.stack_blocks(variables)
+    grads, (outputs, stats) = train(scanned, stacked)
+    want_grads, (want_outputs, want_stats) = train(unrolled, variables)
+    assert set(outputs) == {'logits', *models.FEATURE_NAMES}
+    assert not np.allclose(jax.tree.leaves(stats)[-1],  # the statistics really moved
+                           jax.tree.leaves(stacked['batch_stats'])[-1])
+    for got, want in [(evaluate(scanned, stacked), evaluate(unrolled, variables)),
+                      (outputs, want_outputs),
+                      (stats, models.stack_blocks({'batch_stats': want_stats})['batch_stats']),
+                      (grads, models.stack_blocks({'params': want_grads})['params'])]:
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                   got, want)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layouts')
+def test_gradient_convolutions_are_nhwc():
+  """XLA:CPU runs convolutions of other layouts inside a loop with a naive kernel, many
+  times slower (jax-ml/jax#12868); models.nhwc_conv keeps the gradient's convolutions NHWC."""
+  model = models.create_model('resnet_32_20', 10)
+
+  def loss(params, batch_stats, x):
+    (logits, _), _ = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                 train=True, mutable=['batch_stats'])
+    return jnp.sum(logits)
+
+  variables = models.variable_shapes(model)
+  hlo = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
+                                      jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  labels = re.findall(r'dim_labels=([^,\s]+)', hlo.compile().as_text())
+  assert labels and set(labels) == {'b01f_01io->b01f'}, set(labels)
+
+
+@pytest.mark.parametrize('size,c_in,c_out,k,stride,pad', [
+    (32, 3, 16, 7, 1, 1), (28, 16, 32, 3, 2, 1), (28, 16, 32, 1, 2, 0), (32, 16, 32, 3, 2, 1),
+    (9, 4, 4, 3, 2, 1), (7, 8, 8, 3, 1, 1)])
+def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad):
+  """Every convolution of the models (7x7 stem, 3x3 and 1x1 of stride 1 and 2, even and
+  odd sizes): the hand-written gradient is autodiff's, in float64."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, size, size, c_in)))
+    w = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)))
+    spec = ('NHWC', 'HWIO', 'NHWC')
+    args = ((stride, stride), ((pad, pad), (pad, pad)))
+    reference = lambda x, w: jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=spec)
+    ours = lambda x, w: models.nhwc_conv(
+        x, w, *args, lhs_dilation=(1, 1), rhs_dilation=(1, 1), feature_group_count=1,
+        precision=None, dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec))
+    y, vjp = jax.vjp(ours, x, w)
+    y_ref, vjp_ref = jax.vjp(reference, x, w)
+    dy = jnp.asarray(rng.normal(size=y.shape))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -73,8 +73,11 @@ def _assert_matches_state(variables, state, template):
 # ---------------------------------------------------------------- no torch needed
 
 
-def test_round_trip(parity, template):
-  state, _, _, _, _ = parity
+@pytest.mark.parametrize('scan_blocks', [True, False], ids=['scanned', 'unrolled'])
+def test_round_trip(parity, scan_blocks):
+  state, _, _, depth, num_classes = parity
+  template = models.variable_shapes(
+      models.create_model(f'resnet_32_{depth}', num_classes, scan_blocks=scan_blocks))
   assert any(k.endswith('num_batches_tracked') for k in state)  # really dropped
   variables = torch_import.torch_to_flax(state, template)
   assert set(variables) == {'params', 'batch_stats'}
@@ -86,8 +89,11 @@ def test_round_trip(parity, template):
   np.testing.assert_array_equal(variables['params']['layer2_0']['downsample_conv']['kernel'],
                                 state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(variables['params']['fc']['kernel'], state['fc.weight'].T)
-  np.testing.assert_array_equal(variables['params']['layer3_1']['bn2']['scale'],
-                                state['layer3.1.bn2.weight'])
+  np.testing.assert_array_equal(models.unstack_blocks(variables)['params']['layer3_1']['bn2']
+                                ['scale'], state['layer3.1.bn2.weight'])
+  if scan_blocks:  # block j >= 1 of a stage is index j - 1 of the scanned stage
+    np.testing.assert_array_equal(variables['params']['layer3_blocks']['bn2']['scale'][0],
+                                  state['layer3.1.bn2.weight'])
   np.testing.assert_array_equal(variables['batch_stats']['layer2_0']['downsample_bn']['var'],
                                 state['layer2.0.downsample.1.running_var'])
 
