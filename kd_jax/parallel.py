@@ -14,6 +14,7 @@ import functools
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 AXIS = 'batch'
 
@@ -39,10 +40,28 @@ def check_divisible(name: str, global_batch_size: int):
                      f'use a multiple of {n}')
 
 
-def shard(batch):
-  """[local batch, ...] -> [local devices, local batch / local devices, ...]."""
+def shard(batch, axis: int = 0):
+  """Splits axis `axis` (the local batch) over the local devices: [..., local batch, ...]
+  -> [..., local devices, local batch / local devices, ...]."""
   n = jax.local_device_count()
-  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+  return jax.tree.map(
+      lambda x: x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:]), batch)
+
+
+def replicate(tree):
+  """A copy of `tree` on every local device, stacked [local devices, ...], for an
+  argument that `device_parallel` maps with in_axes 0 (e.g. a dataset kept on the
+  devices): transferred once, not at every call as a broadcast argument would be."""
+  n = jax.local_device_count()
+  return jax.pmap(lambda _, x: x, in_axes=(0, None))(jnp.arange(n), tree)
+
+
+def device_parallel(fn: Callable, in_axes, donate_argnums=()):
+  """pmap of fn(*args, axis_name=AXIS) returning one copy of its (reduced) outputs.
+  in_axes: None for a broadcast argument, 0 for a `replicate`d one, 1 for stacked
+  host batches [K, local batch, ...] split over the local devices (see `shard`)."""
+  return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, in_axes=in_axes,
+                  out_axes=None, donate_argnums=donate_argnums)
 
 
 def data_parallel(step: Callable, num_broadcast_args: int = 0, donate_state: bool = False):

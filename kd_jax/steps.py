@@ -13,7 +13,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from kd_jax import distill
+from kd_jax import device_data, distill
 
 
 class TrainState(train_state.TrainState):
@@ -122,3 +122,71 @@ def eval_step(variables: Mapping, batch: Mapping[str, jax.Array], *, model: nn.M
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
+
+
+def _scan_steps(state, xs, num_valid, step_fn):
+  """step_fn(state, x) for every x of xs (leading axis K) whose index is < num_valid.
+
+  The entries at num_valid and after are not run (a real conditional): a dispatch
+  of at most K steps compiles once, whatever its length. Their metrics are zeros.
+  """
+  def body(state, ix):
+    i, x = ix
+    metrics_shape = jax.eval_shape(step_fn, state, x)[1]
+    skip = lambda state, x: (state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                  metrics_shape))
+    return jax.lax.cond(i < num_valid, step_fn, skip, state, x)
+
+  num_steps = jax.tree.leaves(xs)[0].shape[0]
+  return jax.lax.scan(body, state, (jnp.arange(num_steps), xs))
+
+
+def train_steps_from_batches(state, batches, num_valid, teacher, *, axis_name=None, **step_kw):
+  """Up to K train steps in one program, on batches [K, batch, ...] fed by the host."""
+  step_fn = lambda state, batch: train_step(state, batch, teacher, axis_name=axis_name, **step_kw)
+  return _scan_steps(state, batches, num_valid, step_fn)
+
+
+def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teacher, *,
+                          num_steps: int, batch_size: int, num_shards: int, augment: bool,
+                          mean, std, axis_name=None, **step_kw):
+  """Up to `num_steps` train steps (epoch steps first_step, ...) in one program, each
+  gathering its batch from `data` ({'image': uint8 [N, H, W, C], 'label': [N]}, the whole
+  split on the device) and augmenting it in the step. Inside pmap each of the
+  `num_shards` devices takes its part of every global batch."""
+  permutation = device_data.epoch_permutation(seed, epoch, data['label'].shape[0])
+  size = batch_size // num_shards
+  start = jax.lax.axis_index(axis_name) * size if axis_name is not None else 0
+
+  def step_fn(state, step):
+    indices = jax.lax.dynamic_slice(permutation, (step * batch_size + start,), (size,))
+    images = data['image'][indices]
+    if augment:
+      keys = device_data.example_keys(seed, epoch, step * batch_size + start + jnp.arange(size))
+      images = device_data.augment(images, keys, mean, std)
+    else:
+      images = device_data.normalize(images, mean, std)
+    batch = {'image': images, 'label': data['label'][indices]}
+    return train_step(state, batch, teacher, axis_name=axis_name, **step_kw)
+
+  return _scan_steps(state, first_step + jnp.arange(num_steps), num_valid, step_fn)
+
+
+def eval_on_device(variables, data, *, model: nn.Module, batch_size: int, num_shards: int,
+                   mean, std, axis_name=None):
+  """eval_step summed over a whole split on the device: data holds 'image' uint8
+  [B, batch_size, H, W, C], 'label' and 'mask' [B, batch_size] (padded batches)."""
+  size = batch_size // num_shards
+  start = jax.lax.axis_index(axis_name) * size if axis_name is not None else 0
+
+  def sums(batch):
+    part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), batch)
+    part['image'] = device_data.normalize(part['image'], mean, std)
+    return eval_step(variables, part, model=model, axis_name=axis_name)
+
+  def body(totals, batch):
+    return jax.tree.map(jnp.add, totals, sums(batch)), None
+
+  shapes = jax.eval_shape(sums, jax.tree.map(lambda x: x[0], data))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.scan(body, zeros, data)[0]

@@ -25,7 +25,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from kd_jax import checkpoints, distill, input_pipeline, models, parallel, steps, teachers
+from kd_jax import (checkpoints, distill, feeds, input_pipeline, models, parallel, steps,
+                    teachers)
 
 CONFIG_FILE, RESULT_FILE = 'config.json', 'result.json'
 
@@ -79,7 +80,7 @@ def run_identity(config) -> Dict[str, Any]:
   and whether a teacher may be trained on demand do not."""
   identity = json.loads(json.dumps(
       config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config))
-  for key in ('data_dir', 'name', 'checkpoint_every_steps'):
+  for key in ('data_dir', 'name', 'checkpoint_every_steps', 'steps_per_dispatch'):
     identity.pop(key, None)
   if distill.get_method(identity['method']).needs_teacher:
     identity['teacher'].pop('auto_train', None)
@@ -124,6 +125,10 @@ def validate_config(config: ml_collections.ConfigDict):
        'None or a number in [0, 1]'),
       ('checkpoint_every_steps', config.checkpoint_every_steps,
        config.checkpoint_every_steps >= 0, 'an integer >= 0'),
+      ('steps_per_dispatch', config.steps_per_dispatch, config.steps_per_dispatch >= 1,
+       'an integer >= 1'),
+      ('input_pipeline', config.input_pipeline, config.input_pipeline in feeds.FEEDS,
+       ' or '.join(map(repr, feeds.FEEDS))),
   ]
   for name, value, ok, accepted in checks:
     if not ok:
@@ -183,15 +188,9 @@ def _device_info():
           'flax_version': flax.__version__}
 
 
-def evaluate(eval_step, variables, eval_data) -> Dict[str, float]:
-  totals = None
-  for batch in eval_data:
-    sums = eval_step(variables, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = int(totals['count'])
-  return {'loss': float(totals['loss_sum']) / count,
-          'accuracy': float(totals['correct']) / count, 'count': count}
+def evaluate(eval_feed, variables) -> Dict[str, float]:
+  """Test loss and accuracy of `variables` over the eval feed's whole split."""
+  return eval_feed.evaluate(variables)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -218,10 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype,
                                         axis_name=parallel.AXIS)
     _check_method_fits(method, model, teacher_model, config, info)
-  train_data = input_pipeline.TrainData(config.dataset, config.train_split, config.batch_size,
-                                        config.seed, config.data_dir, augment=config.augment)
-  eval_data = input_pipeline.EvalData(config.dataset, config.eval_split,
-                                      config.eval_batch_size, config.data_dir)
+  train_feed_cls, eval_feed_cls = feeds.FEEDS[config.input_pipeline]
+  train_feed = train_feed_cls(config, info, dict(
+      model=model, method=method, kd_config=config.kd.to_dict(),
+      skip_nonfinite=config.skip_nonfinite_steps))
+  eval_feed = eval_feed_cls(config, info, model)
 
   teacher = None
   if method.needs_teacher:
@@ -245,11 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0 and not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
     _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
-  logging.info('Run %s (%s on %s, %d train / %d test images) in %s', run_name(config),
-               config.method, config.dataset, train_data.num_examples, eval_data.num_examples,
-               run_dir)
-
-  steps_per_epoch = train_data.steps_per_epoch
+  logging.info('Run %s (%s on %s, %d train / %d test images, %s feed) in %s', run_name(config),
+               config.method, config.dataset, train_feed.num_examples, eval_feed.num_examples,
+               config.input_pipeline, run_dir)
+  steps_per_epoch = train_feed.steps_per_epoch
   schedule = steps.lr_schedule(config.learning_rate, steps_per_epoch, config.lr_boundaries,
                                config.lr_decay)
   tx = steps.create_optimizer(schedule, config.momentum, config.weight_decay, config.nesterov)
@@ -273,12 +272,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with open(result_path) as f:
       return json.load(f)
 
-  train_step = parallel.data_parallel(
-      functools.partial(steps.train_step, model=model, method=method,
-                        kd_config=config.kd.to_dict(),
-                        skip_nonfinite=config.skip_nonfinite_steps),
-      num_broadcast_args=1, donate_state=True)
-  eval_step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
   writer = metric_writers.create_default_writer(run_dir, just_logging=jax.process_index() > 0)
   if restored is None:
     writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
@@ -292,8 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_saved = step
 
   def collect(pending):
-    """Moves the pending steps' metrics to the host, refusing non-finite steps."""
-    host = jax.device_get(pending)
+    """Moves the pending dispatches' metrics to the host, refusing non-finite steps.
+    pending: (number of steps run, metrics [steps_per_dispatch]) per dispatch."""
+    host = [{k: v[i] for k, v in metrics.items()}
+            for num_steps, metrics in jax.device_get(pending) for i in range(num_steps)]
     first = step - len(host)
     for i, metrics in enumerate(host):
       bad = {k: v for k, v in metrics.items() if k != 'skipped' and not math.isfinite(v)}
@@ -316,12 +311,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for epoch in range(meta['epoch'], config.num_epochs):
       segment_start = time.time()
       pending = []
-      for batch in train_data.epoch(epoch, start_step=meta['epoch_step']):
-        state, metrics = train_step(state, batch, teacher)
-        pending.append(metrics)
-        step += 1
+      in_epoch = meta['epoch_step']
+      while in_epoch < steps_per_epoch:
+        num_steps = min(config.steps_per_dispatch, steps_per_epoch - in_epoch)
+        if config.checkpoint_every_steps:
+          num_steps = min(num_steps, config.checkpoint_every_steps
+                          - step % config.checkpoint_every_steps)
+        state, metrics = train_feed.run(state, teacher, epoch, in_epoch, num_steps)
+        pending.append((num_steps, metrics))
+        step += num_steps
+        in_epoch += num_steps
         report_progress(step)
-        in_epoch = step - epoch * steps_per_epoch
         if in_epoch < steps_per_epoch and (stop.signal or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
           collect(pending)
@@ -337,8 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       meta['train_time_s'] += time.time() - segment_start
       train = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
                for k in meta['epoch_metrics'][0]}
-      test = evaluate(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                      eval_data)
+      test = evaluate(eval_feed, {'params': state.params, 'batch_stats': state.batch_stats})
       meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
       lr = float(schedule(step - 1))
       if test['accuracy'] > meta['best_accuracy']:

@@ -7,19 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import distill, models, steps
+from kd_jax import device_data, distill, models, steps
 
 HEALTH = ('grad_norm', 'param_norm', 'batch_stats_max')
 KD = {'temperature': 4.0, 'st_weight': 1.0, 'at_beta': 1000.0, 'logit_target': 'pooled',
       'alpha': None}
 
 
-def _setup(method, bn_mode_batch=True, teacher_name='resnet_32_8'):
+def _setup(method, bn_mode_batch=True, teacher_name='resnet_32_8', dtype=jnp.float32):
   model = models.create_model('resnet_32_8', 10)
   teacher_model = models.create_model(teacher_name, 10)
   tx = steps.create_optimizer(steps.lr_schedule(0.1, 10, (1,), 0.1), 0.9, 1e-4)
-  state = steps.create_train_state(model, models.init_variables(model, jax.random.key(0)), tx)
-  teacher_vars = models.init_variables(teacher_model, jax.random.key(1))
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+  state = steps.create_train_state(
+      model, cast(models.init_variables(model, jax.random.key(0))), tx)
+  teacher_vars = cast(models.init_variables(teacher_model, jax.random.key(1)))
   # Non-trivial running statistics, so that using them (or not) shows.
   teacher_vars['batch_stats'] = jax.tree.map(lambda a: a + 0.5, teacher_vars['batch_stats'])
   teacher = steps.Teacher(teacher_model, teacher_vars, batch_stats_mode=bn_mode_batch)
@@ -108,3 +110,81 @@ def test_eval_step_counts_only_real_examples():
   assert float(sums['correct']) == float(jnp.sum(jnp.argmax(logits, -1) == labels[:4]))
   np.testing.assert_allclose(sums['loss_sum'], 4 * distill.cross_entropy(logits, labels[:4]),
                              rtol=1e-5)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_scanned_steps_equal_single_steps():
+  state, teacher, step, batch = _setup('st')
+  images = jax.random.normal(jax.random.key(3), (3, 8, 32, 32, 3))
+  batches = {'image': images, 'label': jnp.arange(24).reshape(3, 8) % 10}
+  single, expected = state, []
+  for i in range(2):
+    single, metrics = step(single, jax.tree.map(lambda x: x[i], batches), teacher)
+    expected.append(metrics)
+  scanned = jax.jit(functools.partial(
+      steps.train_steps_from_batches, model=models.create_model('resnet_32_8', 10),
+      method=distill.get_method('st'), kd_config=KD))
+  # Three compiled steps, two run: the third leaves state and metrics alone.
+  got_state, got = scanned(state, batches, 2, teacher)
+  assert int(got_state.step) == 2
+  _assert_trees_close(got_state.params, single.params)
+  _assert_trees_close(got_state.batch_stats, single.batch_stats)
+  _assert_trees_close(got_state.opt_state, single.opt_state)
+  for i in range(2):
+    _assert_trees_close({k: v[i] for k, v in got.items()}, expected[i])
+  assert all(float(v[2]) == 0 for v in got.values())
+
+
+def test_steps_on_device_gather_and_augment_their_batches():
+  # In float64 a wrong example or crop shows at once; what remains is the float32
+  # rounding of the normalised images, which XLA may fuse differently (~1e-8).
+  with jax.enable_x64(True):
+    _check_steps_on_device()
+
+
+def _check_steps_on_device():
+  state, teacher, step, _ = _setup('st', dtype=jnp.float64)
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  rng = np.random.default_rng(0)
+  data = {'image': jnp.asarray(rng.integers(0, 256, (40, 32, 32, 3), np.uint8)),
+          'label': jnp.asarray(rng.integers(0, 10, 40).astype(np.int32))}
+  seed, epoch, batch_size = 7, 3, 8
+  run = jax.jit(functools.partial(
+      steps.train_steps_on_device, num_steps=2, batch_size=batch_size, num_shards=1,
+      augment=True, mean=mean, std=std, model=models.create_model('resnet_32_8', 10),
+      method=distill.get_method('st'), kd_config=KD))
+  got_state, got = run(state, data, seed, epoch, 1, 2, teacher)
+
+  # The same steps with batches built outside: epoch steps 1 and 2.
+  permutation = device_data.epoch_permutation(seed, epoch, 40)
+  expected = state
+  for i, s in enumerate((1, 2)):
+    indices = permutation[s * batch_size:(s + 1) * batch_size]
+    keys = device_data.example_keys(seed, epoch, s * batch_size + jnp.arange(batch_size))
+    batch = {'image': device_data.augment(data['image'][indices], keys, mean, std),
+             'label': data['label'][indices]}
+    expected, metrics = step(expected, batch, teacher)
+    _assert_trees_close({k: v[i] for k, v in got.items()}, metrics, rtol=1e-6, atol=0)
+  _assert_trees_close(got_state.params, expected.params, rtol=1e-6, atol=1e-8)
+  _assert_trees_close(got_state.batch_stats, expected.batch_stats, rtol=1e-6, atol=1e-8)
+
+
+def test_eval_on_device_sums_the_real_examples():
+  model = models.create_model('resnet_32_8', 10)
+  variables = models.init_variables(model, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (2, 6, 32, 32, 3), np.uint8)
+  labels = rng.integers(0, 10, (2, 6)).astype(np.int32)
+  mask = np.arange(12).reshape(2, 6) < 9
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  got = jax.jit(functools.partial(steps.eval_on_device, model=model, batch_size=6, num_shards=1,
+                                  mean=mean, std=std))(
+      variables, {'image': images, 'label': labels, 'mask': mask})
+  batch = {'image': device_data.normalize(images.reshape(12, 32, 32, 3), mean, std),
+           'label': labels.reshape(12), 'mask': mask.reshape(12)}
+  want = steps.eval_step(variables, batch, model=model)
+  _assert_trees_close(got, want)
+  assert float(got['count']) == 9

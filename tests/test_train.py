@@ -160,7 +160,7 @@ def _teacher_run(tmp_path):
     ({'teacher.model': 'resnet_32_9', 'method': 'st'}, "unknown model 'resnet_32_9'"),
     ({'dataset': 'mnist'}, "unknown dataset 'mnist'"),
     ({'method': 'crd'}, "unknown method 'crd'"),
-    ({'batch_size': 512}, 'global_batch_size 512 is larger than the 256 examples'),
+    ({'batch_size': 512}, 'batch_size 512 is larger than the 256 examples'),
     ({'batch_size': 0}, 'config.batch_size=0'),
     ({'num_epochs': 0}, 'config.num_epochs=0'),
     ({'learning_rate': -0.1}, 'config.learning_rate=-0.1'),

@@ -77,9 +77,9 @@ last_variables = {}
 real_evaluate = train.evaluate
 
 
-def evaluate_and_keep(eval_step, variables, eval_data):
+def evaluate_and_keep(eval_feed, variables):
   last_variables['v'] = variables
-  return real_evaluate(eval_step, variables, eval_data)
+  return real_evaluate(eval_feed, variables)
 
 
 train.evaluate = evaluate_and_keep

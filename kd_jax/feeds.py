@@ -1,0 +1,130 @@
+"""How the training loop gets its data to the devices: two interchangeable feeds.
+
+- 'device' (the default): the whole uint8 split lives on every device; each dispatch
+  runs up to `steps_per_dispatch` train steps in one XLA program that gathers and
+  augments its own batches (kd_jax.device_data). The host sends three numbers.
+- 'tfds': tf.data batches from the host (kd_jax.input_pipeline), stacked
+  `steps_per_dispatch` at a time and scanned over in one program.
+
+Both give a dispatch's per-step metrics as arrays [steps_per_dispatch] of which the
+first `num_steps` are real, and evaluate a whole split in one call per epoch on the
+device path. The two paths draw the same distributions from different random streams.
+"""
+import functools
+import itertools
+import math
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import input_pipeline, parallel, steps
+
+
+class DeviceTrainFeed:
+  """Train steps on the split held by the devices."""
+
+  def __init__(self, config, info, step_kw):
+    images, labels = input_pipeline.load_arrays(config.dataset, config.train_split,
+                                                config.data_dir)
+    self.num_examples = len(labels)
+    self.steps_per_epoch = self.num_examples // config.batch_size
+    _check_steps(self.steps_per_epoch, config.batch_size, self.num_examples, config.train_split)
+    self._data = parallel.replicate({'image': images, 'label': labels})
+    self._seed = config.seed
+    self._run = parallel.device_parallel(
+        functools.partial(steps.train_steps_on_device, num_steps=config.steps_per_dispatch,
+                          batch_size=config.batch_size, num_shards=jax.device_count(),
+                          augment=config.augment, mean=info.mean, std=info.std, **step_kw),
+        in_axes=(None, 0, None, None, None, None, None), donate_argnums=(0,))
+
+  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
+    """Steps first_step .. first_step + num_steps - 1 of the epoch."""
+    return self._run(state, self._data, self._seed, epoch, first_step, num_steps, teacher)
+
+
+class HostTrainFeed:
+  """Train steps on tf.data batches, `steps_per_dispatch` per transfer."""
+
+  def __init__(self, config, info, step_kw):
+    del info
+    self._data = input_pipeline.TrainData(config.dataset, config.train_split,
+                                          config.batch_size, config.seed, config.data_dir,
+                                          augment=config.augment)
+    self.num_examples = self._data.num_examples
+    self.steps_per_epoch = self._data.steps_per_epoch
+    self._k = config.steps_per_dispatch
+    self._position = None  # (epoch, next step) of self._batches
+    self._batches = None
+    self._run = parallel.device_parallel(
+        functools.partial(steps.train_steps_from_batches, **step_kw),
+        in_axes=(None, 1, None, None), donate_argnums=(0,))
+
+  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
+    if self._position != (epoch, first_step):
+      self._batches = self._data.epoch(epoch, start_step=first_step)
+    batches = list(itertools.islice(self._batches, num_steps))
+    self._position = (epoch, first_step + num_steps)
+    # Pad to the compiled length; the padding steps are not run.
+    batches += batches[-1:] * (self._k - num_steps)
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+    return self._run(state, parallel.shard(stacked, axis=1), num_steps, teacher)
+
+
+class DeviceEvalFeed:
+  """Evaluation of a split held by the devices, in one call."""
+
+  def __init__(self, config, info, model):
+    images, labels = input_pipeline.load_arrays(config.dataset, config.eval_split,
+                                                config.data_dir)
+    self.num_examples = len(labels)
+    batch_size = config.eval_batch_size
+    num_batches = math.ceil(self.num_examples / batch_size)
+    pad = num_batches * batch_size - self.num_examples
+    data = {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+            'label': np.pad(labels, (0, pad)),
+            'mask': np.arange(num_batches * batch_size) < self.num_examples}
+    data = jax.tree.map(lambda x: x.reshape(num_batches, batch_size, *x.shape[1:]), data)
+    self._data = parallel.replicate(data)
+    self._run = parallel.device_parallel(
+        functools.partial(steps.eval_on_device, model=model, batch_size=batch_size,
+                          num_shards=jax.device_count(), mean=info.mean, std=info.std),
+        in_axes=(None, 0))
+
+  def evaluate(self, variables) -> Dict[str, float]:
+    return _summarise(self._run(variables, self._data))
+
+
+class HostEvalFeed:
+  """Evaluation on tf.data batches, one call per batch."""
+
+  def __init__(self, config, info, model):
+    del info
+    self._data = input_pipeline.EvalData(config.dataset, config.eval_split,
+                                         config.eval_batch_size, config.data_dir)
+    self.num_examples = self._data.num_examples
+    self._step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
+
+  def evaluate(self, variables) -> Dict[str, float]:
+    totals = None
+    for batch in self._data:
+      sums = self._step(variables, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return _summarise(totals)
+
+
+FEEDS = {'device': (DeviceTrainFeed, DeviceEvalFeed), 'tfds': (HostTrainFeed, HostEvalFeed)}
+
+
+def _summarise(totals) -> Dict[str, float]:
+  totals = jax.device_get(totals)
+  count = int(totals['count'])
+  return {'loss': float(totals['loss_sum']) / count,
+          'accuracy': float(totals['correct']) / count, 'count': count}
+
+
+def _check_steps(steps_per_epoch, batch_size, num_examples, split):
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {batch_size} is larger than the {num_examples} examples '
+                     f'of split {split!r}')
