@@ -1,0 +1,234 @@
+"""Throughput of the KD train step, evaluation, input path and whole epochs.
+
+  python -m kd_jax.benchmark                      # every method, ResNet-20 and -110 pairs
+  python -m kd_jax.benchmark --methods=st --models=resnet_32_20 --json=bench.json
+
+For each method and (student = teacher) model it measures, at batch `--batch`:
+- step: train-step images/s, median over `--steps` timed steps after warm-up, each
+  step waited for (block_until_ready);
+- compile: seconds to lower and compile that train step;
+- eval: evaluation images/s (forward pass, batches of `--eval_batch`, median);
+- input: the on-device input path alone (gather + crop/flip/normalise of a batch from
+  the uint8 split on the device), images/s; and once per run the tf.data path when
+  TensorFlow is installed;
+- e2e: an epoch-sized slice as the training loop runs it: `--epoch_images` train images
+  in dispatches of `--steps_per_dispatch` scanned steps that gather and augment their
+  own batches, then evaluation of a fifth as many test images (CIFAR's ratio), images/s
+  of training over the whole time, compilation excluded.
+Data are random uint8 images (the speed does not depend on the pixels), so this runs
+without TensorFlow or a dataset, e.g. on a GPU machine with only jax, flax and optax.
+Every row carries the device kind and count, the versions and the batch size.
+"""
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+from typing import Dict, List
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kd_jax import device_data, distill, models, steps
+
+KD_CONFIG = {'temperature': 4.0, 'st_weight': 1.0, 'alpha': None, 'at_beta': 1000.0,
+             'logit_target': 'pooled', 'logit_weight': 1.0, 'fsp_weight': 1.0}
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def _median_rate(fn, images_per_call: int, repeats: int) -> float:
+  """images/s of fn() (which blocks), median over `repeats` calls after two warm-ups."""
+  for _ in range(2):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return images_per_call / statistics.median(times)
+
+
+def _random_split(rng, num_examples: int, num_classes: int):
+  return {'image': jnp.asarray(rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8)),
+          'label': jnp.asarray(rng.integers(0, num_classes, num_examples).astype(np.int32))}
+
+
+def bench_pair(method_name: str, model_name: str, args) -> Dict:
+  """One row: the measurements of one method with student = teacher = model_name."""
+  dtype = DTYPES[args.dtype]
+  model = models.create_model(model_name, args.classes, dtype=dtype)
+  method = distill.get_method(method_name)
+  teacher = None
+  if method.needs_teacher:
+    teacher = steps.Teacher(model, models.init_variables(model, jax.random.key(1)), True)
+  steps_per_epoch = args.epoch_images // args.batch
+  tx = steps.create_optimizer(steps.lr_schedule(0.1, steps_per_epoch, (100, 150), 0.1), 0.9, 1e-4)
+  new_state = lambda: steps.create_train_state(
+      model, models.init_variables(model, jax.random.key(0)), tx)
+  step_kw = dict(model=model, method=method, kd_config=KD_CONFIG)
+  rng = np.random.default_rng(0)
+  train = _random_split(rng, args.epoch_images, args.classes)
+  eval_images = max(args.epoch_images // 5 // args.eval_batch, 1) * args.eval_batch
+  evaluation = _random_split(rng, eval_images, args.classes)
+  row = {'method': method_name, 'student': model_name,
+         'teacher': model_name if method.needs_teacher else None, 'batch': args.batch,
+         'dtype': args.dtype, **environment()}
+
+  # The train step alone, on a batch already on the device.
+  batch = {'image': device_data.normalize(train['image'][:args.batch], MEAN, STD),
+           'label': train['label'][:args.batch]}
+  step = jax.jit(functools.partial(steps.train_step, **step_kw), donate_argnums=(0,))
+  state = new_state()
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, teacher).compile()
+  row['compile_s'] = time.perf_counter() - start
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = compiled(holder[0], batch, teacher)
+    jax.block_until_ready(metrics)
+
+  row['step_img_s'] = _median_rate(one_step, args.batch, args.steps)
+
+  # Evaluation: forward passes in eval mode.
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
+  eval_batch = {'image': device_data.normalize(evaluation['image'][:args.eval_batch], MEAN, STD),
+                'label': evaluation['label'][:args.eval_batch],
+                'mask': jnp.ones(args.eval_batch, bool)}
+  variables = {'params': holder[0].params, 'batch_stats': holder[0].batch_stats}
+  row['eval_img_s'] = _median_rate(
+      lambda: jax.block_until_ready(eval_step(variables, eval_batch)), args.eval_batch,
+      args.steps)
+
+  # The on-device input path alone.
+  @jax.jit
+  def make_batch(step_index):
+    permutation = device_data.epoch_permutation(0, 0, args.epoch_images)
+    indices = device_data.batch_indices(permutation, step_index, args.batch)
+    keys = device_data.example_keys(0, 0, step_index * args.batch + jnp.arange(args.batch))
+    return device_data.augment(train['image'][indices], keys, MEAN, STD)
+
+  row['input_img_s'] = _median_rate(lambda: jax.block_until_ready(make_batch(1)), args.batch,
+                                    args.steps)
+
+  # An epoch-sized slice as the training loop runs it (device feed, scanned steps).
+  k = args.steps_per_dispatch
+  run = jax.jit(functools.partial(
+      steps.train_steps_on_device, num_steps=k, batch_size=args.batch, num_shards=1,
+      augment=True, mean=MEAN, std=STD, **step_kw), donate_argnums=(0,))
+  eval_data = {'image': evaluation['image'].reshape(-1, args.eval_batch, 32, 32, 3),
+               'label': evaluation['label'].reshape(-1, args.eval_batch),
+               'mask': jnp.ones((eval_images // args.eval_batch, args.eval_batch), bool)}
+  run_eval = jax.jit(functools.partial(steps.eval_on_device, model=model,
+                                       batch_size=args.eval_batch, num_shards=1, mean=MEAN,
+                                       std=STD))
+
+  def epoch(state, epoch_index):
+    for first in range(0, steps_per_epoch, k):
+      state, metrics = run(state, train, 0, epoch_index, first, min(k, steps_per_epoch - first),
+                           teacher)
+    jax.device_get(metrics)  # the loop reads the epoch's metrics once
+    sums = run_eval({'params': state.params, 'batch_stats': state.batch_stats}, eval_data)
+    jax.device_get(sums)
+    return state
+
+  state = epoch(new_state(), 0)  # compiles
+  start = time.perf_counter()
+  epoch(state, 1)
+  row['e2e_img_s'] = steps_per_epoch * args.batch / (time.perf_counter() - start)
+  row['e2e_train_images'], row['e2e_eval_images'] = steps_per_epoch * args.batch, eval_images
+  return row
+
+
+def tfds_input_rate(args) -> float:
+  """images/s of the tf.data train path (after its cache is filled), random images."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from kd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=args.epoch_images):
+    data = input_pipeline.TrainData('cifar100', 'train', args.batch, 0, None)
+    for _ in data.epoch(0):  # fills the cache
+      pass
+    start = time.perf_counter()
+    count = sum(len(batch['label']) for batch in data.epoch(1))
+  return count / (time.perf_counter() - start)
+
+
+def environment() -> Dict:
+  device = jax.devices()[0]
+  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+          'device_count': jax.device_count(), 'jax': jax.__version__, 'flax': flax.__version__,
+          'optax': optax.__version__, 'python': platform.python_version()}
+
+
+COLUMNS = (('method', '{}'), ('student', '{}'), ('batch', '{}'), ('dtype', '{}'),
+           ('step_img_s', '{:.0f}'), ('compile_s', '{:.1f}'), ('eval_img_s', '{:.0f}'),
+           ('input_img_s', '{:.0f}'), ('e2e_img_s', '{:.0f}'))
+
+
+def table(rows: List[Dict]) -> str:
+  """A Markdown table of the rows, then the machine they ran on."""
+  lines = ['| ' + ' | '.join(name for name, _ in COLUMNS) + ' | e2e / step |',
+           '|' + '---|' * (len(COLUMNS) + 1)]
+  for row in rows:
+    cells = [fmt.format(row[name]) for name, fmt in COLUMNS]
+    lines.append('| ' + ' | '.join(cells) + f" | {row['e2e_img_s'] / row['step_img_s']:.2f} |")
+  env = rows[0]
+  lines.append(f"\n{env['device_count']} x {env['device_kind']} ({env['backend']}), "
+               f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, "
+               f"python {env['python']}")
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--methods', default=','.join(distill.METHODS))
+  parser.add_argument('--models', default='resnet_32_20,resnet_32_110',
+                      help='student = teacher models, comma-separated')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--eval_batch', type=int, default=500)
+  parser.add_argument('--classes', type=int, default=100)
+  parser.add_argument('--steps', type=int, default=10, help='timed steps (median)')
+  parser.add_argument('--steps_per_dispatch', type=int, default=32)
+  parser.add_argument('--epoch_images', type=int, default=None,
+                      help='train images of the end-to-end slice (default: 50,000 on an '
+                      'accelerator, 2,560 on CPU)')
+  parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
+  parser.add_argument('--json', default=None, help='also write the rows here')
+  args = parser.parse_args(argv)
+  if args.epoch_images is None:
+    args.epoch_images = 2560 if jax.default_backend() == 'cpu' else 50000
+  if args.epoch_images < args.batch:
+    parser.error(f'--epoch_images={args.epoch_images} is smaller than --batch={args.batch}')
+  try:  # refuse unknown names before any work
+    for name in args.methods.split(','):
+      distill.get_method(name)
+    for name in args.models.split(','):
+      models.create_model(name, args.classes)
+  except ValueError as e:
+    parser.error(str(e))
+
+  rows = []
+  for model_name in args.models.split(','):
+    for method_name in args.methods.split(','):
+      rows.append(bench_pair(method_name, model_name, args))
+      print(json.dumps(rows[-1]), flush=True)
+  report = {'rows': rows}
+  try:
+    report['tfds_input_img_s'] = tfds_input_rate(args)
+  except ImportError:
+    report['tfds_input_img_s'] = None  # no TensorFlow here (e.g. a GPU machine)
+  print(table(rows))
+  if report['tfds_input_img_s'] is not None:
+    print(f"tf.data input path alone: {report['tfds_input_img_s']:.0f} images/s")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
