@@ -4,6 +4,7 @@ One train step serves every method: the teacher forward, the student forward and
 backward, cross-entropy and the distillation terms are one XLA program. `base` has
 no teacher term, so its step never runs the teacher.
 """
+import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -190,3 +191,14 @@ def eval_on_device(variables, data, *, model: nn.Module, batch_size: int, num_sh
   shapes = jax.eval_shape(sums, jax.tree.map(lambda x: x[0], data))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return jax.lax.scan(body, zeros, data)[0]
+
+
+def train_steps_on_device_vmapped(states, data, seeds, epoch, first_step, num_valid, teacher,
+                                  **kw):
+  """train_steps_on_device for several independent students at once (jax.vmap): states
+  stacked on a leading axis, one seed each (its data order and augmentation), data and
+  teacher shared. Each student's result is the one its own run would give; a small
+  model trained this way fills a large accelerator."""
+  run = functools.partial(train_steps_on_device, **kw)
+  return jax.vmap(run, in_axes=(0, None, 0, None, None, None, None))(
+      states, data, seeds, epoch, first_step, num_valid, teacher)
