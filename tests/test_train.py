@@ -85,6 +85,21 @@ def test_run_writes_summaries_checkpoints_result(tmp_path):
   np.testing.assert_allclose(test_acc, [h['test_accuracy'] for h in result['history']], rtol=1e-6)
 
 
+@pytest.mark.parametrize('feed', ['device', 'tfds'])
+def test_dispatch_length_does_not_change_the_run(tmp_path, feed):
+  """4 steps per epoch as single-step dispatches, or as dispatches of up to 3 steps cut
+  by checkpoints every 2 steps (2 + 2 per epoch) and at the epoch's end: the same run."""
+  with data():
+    runs = [train.train_and_evaluate(
+        tiny_config(input_pipeline=feed, num_epochs=2, **kw), str(tmp_path / str(i)))
+            for i, kw in enumerate([dict(steps_per_dispatch=1),
+                                    dict(steps_per_dispatch=3, checkpoint_every_steps=2)])]
+  assert runs[0]['steps'] == runs[1]['steps'] == 8
+  for key in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
+    np.testing.assert_allclose([h[key] for h in runs[1]['history']],
+                               [h[key] for h in runs[0]['history']], rtol=1e-5, err_msg=key)
+
+
 def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
   config = tiny_config(num_epochs=3)
   with data():
