@@ -11,6 +11,8 @@ For each method and (student = teacher) model it measures, at batch `--batch`:
 - input: the on-device input path alone (gather + crop/flip/normalise of a batch from
   the uint8 split on the device), images/s; and once per run the tf.data path when
   TensorFlow is installed;
+- students_img_s (with --students=N): N students vmapped in one program, images/s
+  summed over them (a small model fills a large accelerator this way);
 - e2e: an epoch-sized slice as the training loop runs it: `--epoch_images` train images
   in dispatches of `--steps_per_dispatch` scanned steps that gather and augment their
   own batches, then evaluation of a fifth as many test images (CIFAR's ratio), images/s
@@ -142,6 +144,22 @@ def bench_pair(method_name: str, model_name: str, args) -> Dict:
   epoch(state, 1)
   row['e2e_img_s'] = steps_per_epoch * args.batch / (time.perf_counter() - start)
   row['e2e_train_images'], row['e2e_eval_images'] = steps_per_epoch * args.batch, eval_images
+
+  if args.students > 1:  # several students (seeds) vmapped in one program
+    vmapped = jax.jit(functools.partial(
+        steps.train_steps_on_device_vmapped, num_steps=k, batch_size=args.batch, num_shards=1,
+        augment=True, mean=MEAN, std=STD, **step_kw), donate_argnums=(0,))
+    num_steps = min(k, steps_per_epoch)
+    holder = [jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *(new_state() for _ in range(args.students)))]
+
+    def dispatch():
+      holder[0], metrics = vmapped(holder[0], train, jnp.arange(args.students), 0, 0,
+                                   num_steps, teacher)
+      jax.block_until_ready(metrics)
+
+    row['students'] = args.students
+    row['students_img_s'] = _median_rate(dispatch, args.students * num_steps * args.batch, 3)
   return row
 
 
@@ -172,10 +190,12 @@ COLUMNS = (('method', '{}'), ('student', '{}'), ('batch', '{}'), ('dtype', '{}')
 
 def table(rows: List[Dict]) -> str:
   """A Markdown table of the rows, then the machine they ran on."""
-  lines = ['| ' + ' | '.join(name for name, _ in COLUMNS) + ' | e2e / step |',
-           '|' + '---|' * (len(COLUMNS) + 1)]
+  columns = COLUMNS + ((('students', '{}'), ('students_img_s', '{:.0f}'))
+                       if 'students' in rows[0] else ())
+  lines = ['| ' + ' | '.join(name for name, _ in columns) + ' | e2e / step |',
+           '|' + '---|' * (len(columns) + 1)]
   for row in rows:
-    cells = [fmt.format(row[name]) for name, fmt in COLUMNS]
+    cells = [fmt.format(row[name]) for name, fmt in columns]
     lines.append('| ' + ' | '.join(cells) + f" | {row['e2e_img_s'] / row['step_img_s']:.2f} |")
   env = rows[0]
   lines.append(f"\n{env['device_count']} x {env['device_kind']} ({env['backend']}), "
@@ -198,6 +218,9 @@ def main(argv=None):
                       help='train images of the end-to-end slice (default: 50,000 on an '
                       'accelerator, 2,560 on CPU)')
   parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
+  parser.add_argument('--students', type=int, default=1,
+                      help='also time N students (seeds) trained together, vmapped: '
+                      'students_img_s counts the images of all of them')
   parser.add_argument('--json', default=None, help='also write the rows here')
   args = parser.parse_args(argv)
   if args.epoch_images is None:

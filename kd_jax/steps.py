@@ -148,6 +148,12 @@ def train_steps_from_batches(state, batches, num_valid, teacher, *, axis_name=No
   return _scan_steps(state, batches, num_valid, step_fn)
 
 
+def _device_part(batch_size: int, num_shards: int, axis_name):
+  """(start, size) of this device's part of a global batch (all of it outside pmap)."""
+  size = batch_size // num_shards
+  return (jax.lax.axis_index(axis_name) * size if axis_name is not None else 0), size
+
+
 def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teacher, *,
                           num_steps: int, batch_size: int, num_shards: int, augment: bool,
                           mean, std, axis_name=None, **step_kw):
@@ -156,8 +162,7 @@ def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teach
   split on the device) and augmenting it in the step. Inside pmap each of the
   `num_shards` devices takes its part of every global batch."""
   permutation = device_data.epoch_permutation(seed, epoch, data['label'].shape[0])
-  size = batch_size // num_shards
-  start = jax.lax.axis_index(axis_name) * size if axis_name is not None else 0
+  start, size = _device_part(batch_size, num_shards, axis_name)
 
   def step_fn(state, step):
     indices = jax.lax.dynamic_slice(permutation, (step * batch_size + start,), (size,))
@@ -177,8 +182,7 @@ def eval_on_device(variables, data, *, model: nn.Module, batch_size: int, num_sh
                    mean, std, axis_name=None):
   """eval_step summed over a whole split on the device: data holds 'image' uint8
   [B, batch_size, H, W, C], 'label' and 'mask' [B, batch_size] (padded batches)."""
-  size = batch_size // num_shards
-  start = jax.lax.axis_index(axis_name) * size if axis_name is not None else 0
+  start, size = _device_part(batch_size, num_shards, axis_name)
 
   def sums(batch):
     part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), batch)
