@@ -181,7 +181,6 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
                    got, want)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layouts')
 def test_gradient_convolutions_are_nhwc():
   """XLA:CPU runs convolutions of other layouts inside a loop with a naive kernel, many
   times slower (jax-ml/jax#12868); models.nhwc_conv keeps the gradient's convolutions NHWC."""
@@ -193,9 +192,11 @@ def test_gradient_convolutions_are_nhwc():
     return jnp.sum(logits)
 
   variables = models.variable_shapes(model)
-  hlo = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
-                                      jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
-  labels = re.findall(r'dim_labels=([^,\s]+)', hlo.compile().as_text())
+  # Compiled for XLA:CPU whatever the default backend (every JAX install has a CPU).
+  with jax.default_device(jax.devices('cpu')[0]):
+    hlo = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
+                                        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    labels = re.findall(r'dim_labels=([^,\s]+)', hlo.compile().as_text())
   assert labels and set(labels) == {'b01f_01io->b01f'}, set(labels)
 
 
