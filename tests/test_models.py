@@ -203,12 +203,16 @@ def test_gradient_convolutions_are_nhwc():
 @pytest.mark.parametrize('size,c_in,c_out,k,stride,pad', [
     (32, 3, 16, 7, 1, 1), (28, 16, 32, 3, 2, 1), (28, 16, 32, 1, 2, 0), (32, 16, 32, 3, 2, 1),
     (9, 4, 4, 3, 2, 1), (7, 8, 8, 3, 1, 1)])
-def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad):
+@pytest.mark.parametrize('wgrad_chunk', [5, 1000])
+def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad, wgrad_chunk,
+                                            monkeypatch):
   """Every convolution of the models (7x7 stem, 3x3 and 1x1 of stride 1 and 2, even and
-  odd sizes): the hand-written gradient is autodiff's, in float64."""
+  odd sizes): the hand-written gradient is autodiff's, in float64, with the kernel's
+  gradient summed over chunks of examples (ragged here) as on XLA:CPU, or in one piece."""
+  monkeypatch.setattr(models, 'WGRAD_CPU_CHUNK', wgrad_chunk)
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, size, size, c_in)))
+    x = jnp.asarray(rng.normal(size=(12, size, size, c_in)))
     w = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)))
     spec = ('NHWC', 'HWIO', 'NHWC')
     args = ((stride, stride), ((pad, pad), (pad, pad)))
