@@ -43,7 +43,7 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, auto=FLAGS.multihost)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.if_config_differs)
+    train.train_runs(FLAGS.config, FLAGS.workdir, FLAGS.if_config_differs)
   except ValueError as e:  # bad input: nothing was written
     _fail(e, 2)
   except (train.NonFiniteError, checkpoints.CheckpointError) as e:

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run directory.
 
 - `checkpoints/`: the latest train state and the loop's bookkeeping (epoch, best
-  accuracy, history), for resuming; one kept.
+  accuracy, history), for resuming; one kept (two for runs trained together).
 - `best/`: the student's variables ({'params', 'batch_stats'}) at its best test
   accuracy, with what a later user of them needs to check them (model, dataset,
   number of classes); this is what a distillation run loads as its teacher.
@@ -10,7 +10,7 @@ Orbax writes each checkpoint to a temporary directory and renames it when comple
 so an interrupted save never leaves a checkpoint that looks valid.
 """
 import os
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,13 +22,13 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
-def _manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: str, read_only: bool = False, keep: int = 1) -> ocp.CheckpointManager:
   # Synchronous saves: a CIFAR ResNet's state writes in a fraction of a second, and two
   # managers saving the same step asynchronously can cross their barriers between
   # processes (seen as a hang with two processes).
   return ocp.CheckpointManager(
       os.path.abspath(directory),  # orbax wants absolute paths
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only,
                                            enable_async_checkpointing=False))
 
@@ -36,6 +36,15 @@ def _manager(directory: str, read_only: bool = False) -> ocp.CheckpointManager:
 def has_best(run_dir: str) -> bool:
   path = os.path.join(run_dir, BEST)
   return os.path.isdir(path) and _manager(path, read_only=True).latest_step() is not None
+
+
+def saved_steps(run_dir: str) -> List[int]:
+  """The steps of `run_dir`'s latest checkpoints (none when it has none)."""
+  path = os.path.join(run_dir, LATEST)
+  if not os.path.isdir(path):
+    return []
+  with _manager(path, read_only=True) as manager:
+    return sorted(manager.all_steps())
 
 
 def restore_best(run_dir: str) -> Tuple[Mapping[str, Any], dict]:
@@ -50,10 +59,10 @@ def restore_best(run_dir: str) -> Tuple[Mapping[str, Any], dict]:
 
 
 class RunCheckpoints:
-  """The latest and best checkpoints of one run directory."""
+  """The latest (`keep` of them) and best checkpoints of one run directory."""
 
-  def __init__(self, run_dir: str):
-    self.latest = _manager(os.path.join(run_dir, LATEST))
+  def __init__(self, run_dir: str, keep: int = 1):
+    self.latest = _manager(os.path.join(run_dir, LATEST), keep=keep)
     self.best = _manager(os.path.join(run_dir, BEST))
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict]]:
@@ -64,6 +73,13 @@ class RunCheckpoints:
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
+
+  def discard_after(self, step: int) -> List[int]:
+    """Deletes the latest checkpoints after `step` (to go back to it); returns their steps."""
+    later = [s for s in self.latest.all_steps() if s > step]
+    for s in later:
+      self.latest.delete(s)
+    return later
 
   # Saved as host (numpy) copies: the state pmap returns is one device's copy on each
   # process, which orbax cannot write as a global array from several processes.

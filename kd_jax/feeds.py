@@ -8,12 +8,13 @@
 
 Both give a dispatch's per-step metrics as arrays [steps_per_dispatch] of which the
 first `num_steps` are real, and evaluate a whole split in one call per epoch on the
-device path. The two paths draw the same distributions from different random streams.
+device path. The device feeds also train and evaluate several students at once (one
+per seed, vmapped): states stacked on a leading axis, metrics [students, ...]. The two paths draw the same distributions from different random streams.
 """
 import functools
 import itertools
 import math
-from typing import Dict
+from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -23,32 +24,36 @@ from kd_jax import input_pipeline, parallel, steps
 
 
 class DeviceTrainFeed:
-  """Train steps on the split held by the devices."""
+  """Train steps on the split held by the devices, of one student or of one per seed
+  (vmapped, states stacked on a leading axis)."""
 
-  def __init__(self, config, info, step_kw):
+  def __init__(self, config, info, step_kw, seeds):
     images, labels = input_pipeline.load_arrays(config.dataset, config.train_split,
                                                 config.data_dir)
     self.num_examples = len(labels)
     self.steps_per_epoch = self.num_examples // config.batch_size
     _check_steps(self.steps_per_epoch, config.batch_size, self.num_examples, config.train_split)
     self._data = parallel.replicate({'image': images, 'label': labels})
-    self._seed = config.seed
+    self._seeds = seeds[0] if len(seeds) == 1 else jnp.asarray(seeds)
+    run = steps.train_steps_on_device if len(seeds) == 1 else steps.train_steps_on_device_vmapped
     self._run = parallel.device_parallel(
-        functools.partial(steps.train_steps_on_device, num_steps=config.steps_per_dispatch,
+        functools.partial(run, num_steps=config.steps_per_dispatch,
                           batch_size=config.batch_size, num_shards=jax.device_count(),
                           augment=config.augment, mean=info.mean, std=info.std, **step_kw),
         in_axes=(None, 0, None, None, None, None, None), donate_argnums=(0,))
 
   def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
     """Steps first_step .. first_step + num_steps - 1 of the epoch."""
-    return self._run(state, self._data, self._seed, epoch, first_step, num_steps, teacher)
+    return self._run(state, self._data, self._seeds, epoch, first_step, num_steps, teacher)
 
 
 class HostTrainFeed:
   """Train steps on tf.data batches, `steps_per_dispatch` per transfer."""
 
-  def __init__(self, config, info, step_kw):
+  def __init__(self, config, info, step_kw, seeds):
     del info
+    if list(seeds) != [config.seed]:
+      raise ValueError(f'the tf.data feed trains one seed per run, not {list(seeds)}')
     self._data = input_pipeline.TrainData(config.dataset, config.train_split,
                                           config.batch_size, config.seed, config.data_dir,
                                           augment=config.augment)
@@ -73,9 +78,10 @@ class HostTrainFeed:
 
 
 class DeviceEvalFeed:
-  """Evaluation of a split held by the devices, in one call."""
+  """Evaluation of a split held by the devices, in one call, of one student or of
+  several (vmapped; variables stacked on a leading axis)."""
 
-  def __init__(self, config, info, model):
+  def __init__(self, config, info, model, num_students=1):
     images, labels = input_pipeline.load_arrays(config.dataset, config.eval_split,
                                                 config.data_dir)
     self.num_examples = len(labels)
@@ -87,38 +93,44 @@ class DeviceEvalFeed:
             'mask': np.arange(num_batches * batch_size) < self.num_examples}
     data = jax.tree.map(lambda x: x.reshape(num_batches, batch_size, *x.shape[1:]), data)
     self._data = parallel.replicate(data)
+    self._num_students = num_students
+    run = steps.eval_on_device if num_students == 1 else steps.eval_on_device_vmapped
     self._run = parallel.device_parallel(
-        functools.partial(steps.eval_on_device, model=model, batch_size=batch_size,
+        functools.partial(run, model=model, batch_size=batch_size,
                           num_shards=jax.device_count(), mean=info.mean, std=info.std),
         in_axes=(None, 0))
 
-  def evaluate(self, variables) -> Dict[str, float]:
-    return _summarise(self._run(variables, self._data))
+  def evaluate(self, variables) -> List[Dict[str, float]]:
+    """[{'loss', 'accuracy', 'count'}] of each student."""
+    totals = jax.device_get(self._run(variables, self._data))
+    return [_summarise(jax.tree.map(lambda x: x[i] if self._num_students > 1 else x, totals))
+            for i in range(self._num_students)]
 
 
 class HostEvalFeed:
   """Evaluation on tf.data batches, one call per batch."""
 
-  def __init__(self, config, info, model):
+  def __init__(self, config, info, model, num_students=1):
     del info
+    if num_students != 1:
+      raise ValueError(f'the tf.data feed evaluates one student, not {num_students}')
     self._data = input_pipeline.EvalData(config.dataset, config.eval_split,
                                          config.eval_batch_size, config.data_dir)
     self.num_examples = self._data.num_examples
     self._step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
 
-  def evaluate(self, variables) -> Dict[str, float]:
+  def evaluate(self, variables) -> List[Dict[str, float]]:
     totals = None
     for batch in self._data:
       sums = self._step(variables, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return _summarise(totals)
+    return [_summarise(jax.device_get(totals))]
 
 
 FEEDS = {'device': (DeviceTrainFeed, DeviceEvalFeed), 'tfds': (HostTrainFeed, HostEvalFeed)}
 
 
 def _summarise(totals) -> Dict[str, float]:
-  totals = jax.device_get(totals)
   count = int(totals['count'])
   return {'loss': float(totals['loss_sum']) / count,
           'accuracy': float(totals['correct']) / count, 'count': count}

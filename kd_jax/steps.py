@@ -206,3 +206,8 @@ def train_steps_on_device_vmapped(states, data, seeds, epoch, first_step, num_va
   run = functools.partial(train_steps_on_device, **kw)
   return jax.vmap(run, in_axes=(0, None, 0, None, None, None, None))(
       states, data, seeds, epoch, first_step, num_valid, teacher)
+
+
+def eval_on_device_vmapped(variables, data, **kw):
+  """eval_on_device of several students at once: variables stacked on a leading axis."""
+  return jax.vmap(functools.partial(eval_on_device, **kw), in_axes=(0, None))(variables, data)

@@ -25,6 +25,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   teacher.method = 'base'
   teacher.model = config.teacher.model
   teacher.seed = config.teacher.seed
+  teacher.num_seeds = 1
   teacher.name = ''
   teacher.teacher.checkpoint = ''
   return teacher

@@ -1,5 +1,6 @@
 """The training loop: config in, a run directory with checkpoints, summaries and
-result.json out. `train_and_evaluate` is the entry point (main.py calls it).
+result.json out. `train_and_evaluate` trains one run; `train_runs` (main.py calls it)
+trains the runs of `config.num_seeds` seeds together.
 
 A run directory lives under --workdir and is named after its cell (method, dataset,
 student, teacher, seed), so every run of a study shares one root and a teacher is
@@ -14,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import flax
 import jax
@@ -76,11 +77,12 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 
 def run_identity(config) -> Dict[str, Any]:
   """The settings that decide a run's result (of a ConfigDict or its saved JSON):
-  where the data lives, what the run directory is called, how often it checkpoints
-  and whether a teacher may be trained on demand do not."""
+  where the data lives, what the run directory is called, how often it checkpoints or
+  dispatches, how many seeds train beside it and whether a teacher may be trained on
+  demand do not."""
   identity = json.loads(json.dumps(
       config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config))
-  for key in ('data_dir', 'name', 'checkpoint_every_steps', 'steps_per_dispatch'):
+  for key in ('data_dir', 'name', 'checkpoint_every_steps', 'steps_per_dispatch', 'num_seeds'):
     identity.pop(key, None)
   if distill.get_method(identity['method']).needs_teacher:
     identity['teacher'].pop('auto_train', None)
@@ -129,6 +131,11 @@ def validate_config(config: ml_collections.ConfigDict):
        'an integer >= 1'),
       ('input_pipeline', config.input_pipeline, config.input_pipeline in feeds.FEEDS,
        ' or '.join(map(repr, feeds.FEEDS))),
+      ('num_seeds', config.num_seeds, config.num_seeds >= 1, 'an integer >= 1'),
+      ('num_seeds', config.num_seeds, config.num_seeds == 1 or config.input_pipeline == 'device',
+       "1 with input_pipeline='tfds' (seeds train together on the 'device' feed)"),
+      ('num_seeds', config.num_seeds, config.num_seeds == 1 or not config.name,
+       "1 with a run name (each seed's run gets its own derived name)"),
   ]
   for name, value, ok, accepted in checks:
     if not ok:
@@ -188,14 +195,99 @@ def _device_info():
           'flax_version': flax.__version__}
 
 
-def evaluate(eval_feed, variables) -> Dict[str, float]:
-  """Test loss and accuracy of `variables` over the eval feed's whole split."""
+def evaluate(eval_feed, variables) -> List[Dict[str, float]]:
+  """Test loss and accuracy over the eval feed's whole split, one dict per student
+  (`variables` are stacked on a leading axis when the feed evaluates several)."""
   return eval_feed.evaluate(variables)
+
+
+def seed_configs(config: ml_collections.ConfigDict) -> List[ml_collections.ConfigDict]:
+  """The runs that `config` asks for: seeds seed .. seed + num_seeds - 1, each the
+  config of the run that seed alone would be (num_seeds 1)."""
+  runs = []
+  for i in range(config.num_seeds):
+    run = ml_collections.ConfigDict(config.to_dict())
+    run.seed, run.num_seeds = config.seed + i, 1
+    runs.append(run)
+  return runs
+
+
+class _Run:
+  """One run of the group trained together: directory, checkpoints, bookkeeping."""
+
+  def __init__(self, config, workdir, if_config_differs):
+    self.config = config
+    self.name = run_name(config)
+    self.dir = os.path.join(workdir, self.name)
+    self.config_change = _check_run_dir(self.dir, config, if_config_differs)
+    self.result_path = os.path.join(self.dir, RESULT_FILE)
+    self.ckpt = self.meta = self.writer = self.result = None
+
+  def prepare_dir(self, stamp):
+    """Moves a replaced run aside (restart) or its config and result (resume)."""
+    if self.config_change == 'restart' and jax.process_index() == 0:
+      os.replace(self.dir, f'{self.dir}.replaced-{stamp}')
+      logging.info('Config changed: the old run is now %s.replaced-%s', self.dir, stamp)
+    elif self.config_change == 'resume' and jax.process_index() == 0:
+      os.replace(os.path.join(self.dir, CONFIG_FILE),
+                 os.path.join(self.dir, f'config.replaced-{stamp}.json'))
+      if os.path.exists(self.result_path):
+        os.replace(self.result_path, os.path.join(self.dir, f'result.replaced-{stamp}.json'))
+      logging.info('Config changed: resuming %s with the new config', self.dir)
+    os.makedirs(self.dir, exist_ok=True)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(self.dir, CONFIG_FILE)):
+      _write_json_atomic(os.path.join(self.dir, CONFIG_FILE),
+                         json.loads(self.config.to_json_best_effort()))
+
+
+def _new_meta():
+  # The loop's bookkeeping, checkpointed with the state: `epoch` epochs are complete,
+  # `epoch_step` steps of the next one, whose metrics are `epoch_metrics`.
+  return {'epoch': 0, 'epoch_step': 0, 'epoch_metrics': [], 'best_accuracy': -1.0,
+          'best_epoch': 0, 'train_time_s': 0.0, 'wall_time_s': 0.0, 'skipped_steps': 0,
+          'history': []}
+
+
+def _common_step(runs) -> int:
+  """The step that runs trained together resume from: the earliest of their latest
+  checkpoints. A group saves its runs one after the other, keeping two checkpoints
+  each (and one at step 0), so a group stopped between two of its runs' saves goes back
+  to the step before for all of them; its deterministic steps redo the same work."""
+  saved = [[] if run.config_change == 'restart' else checkpoints.saved_steps(run.dir)
+           for run in runs]
+  start = min(max(steps_, default=0) for steps_ in saved)
+  for run, steps_ in zip(runs, saved):
+    if max(steps_, default=0) > start and start not in steps_:
+      at = ', '.join(f'{r.name}: {max(s, default=0)}' for r, s in zip(runs, saved))
+      raise ValueError(f'the runs trained together are at different steps ({at}) and '
+                       f'{run.name} has no checkpoint of step {start}; train them separately '
+                       '(--config.num_seeds=1 --config.seed=...)')
+  return start
+
+
+def _stack(trees):
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i: int, num: int):
+  return tree if num == 1 else jax.tree.map(lambda x: x[i], tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        if_config_differs: str = 'refuse') -> Dict[str, Any]:
-  """Trains (or resumes, or trains the teacher first) one run; returns its result.
+  """Trains (or resumes, or trains the teacher first) one run; returns its result."""
+  if config.num_seeds != 1:
+    raise ValueError(f'config.num_seeds={config.num_seeds} asks for several runs: use '
+                     'train.train_runs, which returns their results')
+  return train_runs(config, workdir, if_config_differs)[0]
+
+
+def train_runs(config: ml_collections.ConfigDict, workdir: str,
+               if_config_differs: str = 'refuse') -> List[Dict[str, Any]]:
+  """Trains (or resumes, or trains the teacher first) the run of each seed of `config`
+  (seed, ..., seed + num_seeds - 1) in one program (jax.vmap over students), each in
+  the run directory it would have alone; returns their results. Finished runs are
+  only read.
 
   Everything is checked before anything is written. A run directory holding a run
   of another config is refused, or with `if_config_differs` 'restart', moved aside
@@ -204,9 +296,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate_config(config)
   workdir = os.path.abspath(workdir)
   _check_writable(workdir)
-  run_dir = os.path.join(workdir, run_name(config))
-  config_change = _check_run_dir(run_dir, config, if_config_differs)
-  result_path = os.path.join(run_dir, RESULT_FILE)
+  runs = [_Run(c, workdir, if_config_differs) for c in seed_configs(config)]
+  for run in runs:
+    if run.config_change is None and os.path.exists(run.result_path):
+      logging.info('Run already finished: %s', run.result_path)
+      with open(run.result_path) as f:
+        run.result = json.load(f)
+  active = [run for run in runs if run.result is None]
+  if not active:
+    return [run.result for run in runs]
+  start = _common_step(active)
 
   info = input_pipeline.get_dataset_info(config.dataset)
   dtype = COMPUTE_DTYPES[config.compute_dtype]
@@ -220,8 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_feed_cls, eval_feed_cls = feeds.FEEDS[config.input_pipeline]
   train_feed = train_feed_cls(config, info, dict(
       model=model, method=method, kd_config=config.kd.to_dict(),
-      skip_nonfinite=config.skip_nonfinite_steps))
-  eval_feed = eval_feed_cls(config, info, model)
+      skip_nonfinite=config.skip_nonfinite_steps), seeds=[run.config.seed for run in active])
+  eval_feed = eval_feed_cls(config, info, model, num_students=len(active))
 
   teacher = None
   if method.needs_teacher:
@@ -233,85 +332,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             batch_stats_mode=config.teacher.bn_mode == 'batch')
 
   stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
-  if config_change == 'restart' and jax.process_index() == 0:
-    os.replace(run_dir, f'{run_dir}.replaced-{stamp}')
-    logging.info('Config changed: the old run is now %s.replaced-%s', run_dir, stamp)
-  elif config_change == 'resume' and jax.process_index() == 0:
-    os.replace(os.path.join(run_dir, CONFIG_FILE),
-               os.path.join(run_dir, f'config.replaced-{stamp}.json'))
-    if os.path.exists(result_path):
-      os.replace(result_path, os.path.join(run_dir, f'result.replaced-{stamp}.json'))
-    logging.info('Config changed: resuming %s with the new config', run_dir)
-  os.makedirs(run_dir, exist_ok=True)
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
-    _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
-  logging.info('Run %s (%s on %s, %d train / %d test images, %s feed) in %s', run_name(config),
-               config.method, config.dataset, train_feed.num_examples, eval_feed.num_examples,
-               config.input_pipeline, run_dir)
-  steps_per_epoch = train_feed.steps_per_epoch
-  schedule = steps.lr_schedule(config.learning_rate, steps_per_epoch, config.lr_boundaries,
-                               config.lr_decay)
+  for run in active:
+    run.prepare_dir(stamp)
+    logging.info('Run %s (%s on %s, %d train / %d test images, %s feed) in %s', run.name,
+                 config.method, config.dataset, train_feed.num_examples,
+                 eval_feed.num_examples, config.input_pipeline, run.dir)
+  schedule = steps.lr_schedule(config.learning_rate, train_feed.steps_per_epoch,
+                               config.lr_boundaries, config.lr_decay)
   tx = steps.create_optimizer(schedule, config.momentum, config.weight_decay, config.nesterov)
-  init_rng = jax.random.key(config.seed)
-  state = steps.create_train_state(model, models.init_variables(model, init_rng, info.image_shape),
-                                   tx)
-  ckpt = checkpoints.RunCheckpoints(run_dir)
-  restored = ckpt.restore_latest(checkpoints.abstract(state))
-  # The loop's bookkeeping, checkpointed with the state: `epoch` epochs are complete,
-  # `epoch_step` steps of the next one, whose metrics are `epoch_metrics`.
-  meta = {'epoch': 0, 'epoch_step': 0, 'epoch_metrics': [], 'best_accuracy': -1.0,
-          'best_epoch': 0, 'train_time_s': 0.0, 'wall_time_s': 0.0, 'skipped_steps': 0,
-          'history': []}
-  if restored is not None:
-    state, meta = restored
-    logging.info('Resuming from step %d (epoch %d, step %d of %d).', int(state.step),
-                 meta['epoch'] + 1, meta['epoch_step'], steps_per_epoch)
-  if meta['epoch'] >= config.num_epochs and os.path.exists(result_path):
-    logging.info('Run already finished: %s', result_path)
-    ckpt.close()
-    with open(result_path) as f:
-      return json.load(f)
+  new_state = lambda seed: steps.create_train_state(
+      model, models.init_variables(model, jax.random.key(seed), info.image_shape), tx)
+  states = []
+  for run in active:
+    run.ckpt = checkpoints.RunCheckpoints(run.dir, keep=1 if len(active) == 1 else 2)
+    if run.ckpt.discard_after(start):
+      logging.info('%s goes back to step %d, where its group is', run.name, start)
+    state = new_state(run.config.seed)
+    state, run.meta = (run.ckpt.restore_latest(checkpoints.abstract(state))
+                       or (state, _new_meta()))
+    states.append(state)
+  _train_group(active, _stack(states), config, info, method, teacher, train_feed, eval_feed,
+               schedule)
+  return [run.result for run in runs]
 
-  writer = metric_writers.create_default_writer(run_dir, just_logging=jax.process_index() > 0)
-  if restored is None:
-    writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
-                          for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()
-                          if v is not None})
-  num_train_steps = config.num_epochs * steps_per_epoch
-  report_progress = periodic_actions.ReportProgress(num_train_steps=num_train_steps,
-                                                    writer=writer, every_secs=60)
-  run_start = time.time() - meta['wall_time_s']
-  step = int(state.step)
+
+def _train_group(runs, state, config, info, method, teacher, train_feed, eval_feed, schedule):
+  """The epoch loop of `runs` (one, or several vmapped: `state` stacked), from their
+  common step; sets each run's result."""
+  num = len(runs)
+  steps_per_epoch = train_feed.steps_per_epoch
+  meta0 = runs[0].meta  # epoch, epoch_step and wall_time_s are the same in every run
+  step = int(_take(state, 0, num).step)
+  if step:
+    logging.info('Resuming from step %d (epoch %d, step %d of %d).', step, meta0['epoch'] + 1,
+                 meta0['epoch_step'], steps_per_epoch)
+  elif num > 1:  # the step a group stopped during its first saves goes back to
+    for i, run in enumerate(runs):
+      run.ckpt.save_latest(0, _take(state, i, num), run.meta)
+  for run in runs:
+    run.writer = metric_writers.create_default_writer(run.dir,
+                                                      just_logging=jax.process_index() > 0)
+    if not step:
+      run.writer.write_hparams({
+          k: str(v) if isinstance(v, (tuple, list)) else v
+          for k, v in traverse_util.flatten_dict(run.config.to_dict(), sep='.').items()
+          if v is not None})
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.num_epochs * steps_per_epoch, writer=runs[0].writer, every_secs=60)
+  run_start = time.time() - meta0['wall_time_s']
   last_saved = step
 
   def collect(pending):
     """Moves the pending dispatches' metrics to the host, refusing non-finite steps.
-    pending: (number of steps run, metrics [steps_per_dispatch]) per dispatch."""
-    host = [{k: v[i] for k, v in metrics.items()}
-            for num_steps, metrics in jax.device_get(pending) for i in range(num_steps)]
-    first = step - len(host)
-    for i, metrics in enumerate(host):
-      bad = {k: v for k, v in metrics.items() if k != 'skipped' and not math.isfinite(v)}
-      if bad and not config.skip_nonfinite_steps:
-        terms = ', '.join(f'{k}={v}' for k, v in bad.items())
-        raise NonFiniteError(
-            f'non-finite training step {first + i + 1} (epoch {epoch + 1}): {terms}; the last '
-            f'checkpoint (step {last_saved}) in {run_dir} is intact; lower the learning rate '
-            'or set --config.skip_nonfinite_steps=True to skip such steps')
-      meta['skipped_steps'] += int(metrics.get('skipped', 0))
-    meta['epoch_metrics'].extend({k: float(v) for k, v in m.items()} for m in host)
+    pending: (number of steps run, metrics [(students,) steps_per_dispatch]) per dispatch."""
+    host = jax.device_get(pending)
+    first = step - sum(n for n, _ in host)
+    for i, run in enumerate(runs):
+      per_step = [{k: (v[i] if num > 1 else v)[j] for k, v in metrics.items()}
+                  for n, metrics in host for j in range(n)]
+      for j, metrics in enumerate(per_step):
+        bad = {k: v for k, v in metrics.items() if k != 'skipped' and not math.isfinite(v)}
+        if bad and not config.skip_nonfinite_steps:
+          terms = ', '.join(f'{k}={v}' for k, v in bad.items())
+          raise NonFiniteError(
+              f'non-finite training step {first + j + 1} (epoch {epoch + 1}): {terms}; the '
+              f'last checkpoint (step {last_saved}) in {run.dir} is intact; lower the learning '
+              'rate or set --config.skip_nonfinite_steps=True to skip such steps')
+        run.meta['skipped_steps'] += int(metrics.get('skipped', 0))
+      run.meta['epoch_metrics'].extend({k: float(v) for k, v in m.items()} for m in per_step)
 
   def save_latest():
     nonlocal last_saved
-    meta['wall_time_s'] = time.time() - run_start
-    ckpt.save_latest(step, state, meta)
+    for i, run in enumerate(runs):
+      run.meta['wall_time_s'] = time.time() - run_start
+      run.ckpt.save_latest(step, _take(state, i, num), run.meta)
     last_saved = step
 
+  def add_train_time(seconds):
+    for run in runs:
+      run.meta['train_time_s'] += seconds
+
   with _stop_on_signals() as stop:
-    for epoch in range(meta['epoch'], config.num_epochs):
+    for epoch in range(meta0['epoch'], config.num_epochs):
       segment_start = time.time()
       pending = []
-      in_epoch = meta['epoch_step']
+      in_epoch = meta0['epoch_step']
       while in_epoch < steps_per_epoch:
         num_steps = min(config.steps_per_dispatch, steps_per_epoch - in_epoch)
         if config.checkpoint_every_steps:
@@ -326,49 +431,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
           collect(pending)
           pending = []
-          meta['epoch_step'] = in_epoch
-          meta['train_time_s'] += time.time() - segment_start
+          for run in runs:
+            run.meta['epoch_step'] = in_epoch
+          add_train_time(time.time() - segment_start)
           segment_start = time.time()
           save_latest()
           if stop.signal:
             raise Interrupted(f'stopped by {stop.signal} at step {step}; the checkpoint is '
-                              f'saved in {run_dir}: rerun the same command to resume')
+                              f'saved in {_dirs(runs)}: rerun the same command to resume')
       collect(pending)
-      meta['train_time_s'] += time.time() - segment_start
-      train = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
-               for k in meta['epoch_metrics'][0]}
-      test = evaluate(eval_feed, {'params': state.params, 'batch_stats': state.batch_stats})
-      meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
+      add_train_time(time.time() - segment_start)
+      tests = evaluate(eval_feed, {'params': state.params, 'batch_stats': state.batch_stats})
       lr = float(schedule(step - 1))
-      if test['accuracy'] > meta['best_accuracy']:
-        meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1
-        ckpt.save_best(step, {'params': state.params, 'batch_stats': state.batch_stats},
+      for i, (run, test) in enumerate(zip(runs, tests)):
+        _end_epoch(run, epoch, step, lr, test, _take(state, i, num), info,
+                   time.time() - segment_start, label=f'{run.name}: ' if num > 1 else '')
+      save_latest()
+      if stop.signal and epoch + 1 < config.num_epochs:
+        raise Interrupted(f'stopped by {stop.signal} after epoch {epoch + 1}; the checkpoint '
+                          f'is saved in {_dirs(runs)}: rerun the same command to resume')
+  for run in runs:
+    run.ckpt.close()
+    run.writer.close()
+    run.result = _result(run, step, method)
+
+
+def _dirs(runs) -> str:
+  return runs[0].dir if len(runs) == 1 else f'{runs[0].dir} and the other runs of its group'
+
+
+def _end_epoch(run, epoch, step, lr, test, state, info, seconds, label):
+  """The epoch's summaries, history and best checkpoint of one run."""
+  meta, config = run.meta, run.config
+  train = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
+           for k in meta['epoch_metrics'][0]}
+  meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
+  if test['accuracy'] > meta['best_accuracy']:
+    meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1
+    run.ckpt.save_best(step, {'params': state.params, 'batch_stats': state.batch_stats},
                        {'model': config.model, 'dataset': config.dataset,
                         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
                         'epoch': epoch + 1, 'accuracy': test['accuracy']})
-      meta['history'].append({'epoch': epoch + 1, 'step': step, 'learning_rate': lr,
-                              'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-                              'test_count': test['count'],
-                              **{f'train_{k}': v for k, v in train.items()}})
-      save_latest()
-      writer.write_scalars(step, {'epoch': epoch + 1, 'learning_rate': lr,
+  meta['history'].append({'epoch': epoch + 1, 'step': step, 'learning_rate': lr,
+                          'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+                          'test_count': test['count'],
+                          **{f'train_{k}': v for k, v in train.items()}})
+  run.writer.write_scalars(step, {'epoch': epoch + 1, 'learning_rate': lr,
                                   **{f'train/{k}': v for k, v in train.items()},
                                   'test/loss': test['loss'], 'test/accuracy': test['accuracy'],
                                   'test/best_accuracy': meta['best_accuracy']})
-      writer.flush()
-      logging.info('epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f '
-                   '(best %.4f @ %d) | lr %g | %.1fs', epoch + 1, config.num_epochs,
-                   train['loss'], train['accuracy'], test['loss'], test['accuracy'],
-                   meta['best_accuracy'], meta['best_epoch'], lr, time.time() - segment_start)
-      if stop.signal and epoch + 1 < config.num_epochs:
-        raise Interrupted(f'stopped by {stop.signal} after epoch {epoch + 1}; the checkpoint '
-                          f'is saved in {run_dir}: rerun the same command to resume')
-  ckpt.close()
-  writer.close()
+  run.writer.flush()
+  logging.info('%sepoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f '
+               '(best %.4f @ %d) | lr %g | %.1fs', label, epoch + 1, config.num_epochs, train['loss'], train['accuracy'], test['loss'],
+               test['accuracy'], meta['best_accuracy'], meta['best_epoch'], lr, seconds)
 
+
+def _result(run, step, method) -> Dict[str, Any]:
+  """Writes and returns result.json of a finished run."""
+  meta, config = run.meta, run.config
   last = meta['history'][-1]
   result = {
-      'name': run_name(config), 'method': config.method, 'dataset': config.dataset,
+      'name': run.name, 'method': config.method, 'dataset': config.dataset,
       'model': config.model, 'teacher': config.teacher.model if method.needs_teacher else None,
       'seed': config.seed, 'best_accuracy': meta['best_accuracy'],
       'best_epoch': meta['best_epoch'], 'final_accuracy': last['test_accuracy'],
@@ -381,9 +504,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'history': meta['history'],
   }
   if jax.process_index() == 0:
-    _write_json_atomic(result_path, result)
+    _write_json_atomic(run.result_path, result)
   logging.info('Done: best test accuracy %.4f at epoch %d; %s', result['best_accuracy'],
-               result['best_epoch'], result_path)
+               result['best_epoch'], run.result_path)
   return result
 
 
