@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoints, models, teachers, train
-from tests.test_train import data, tiny_config
+from tests.test_train import data, tiny_config, tree_listing
 
 
 class Killed(Exception):
@@ -86,6 +86,28 @@ def test_group_stopped_between_its_runs_saves_resumes_exactly(tmp_path, monkeypa
     assert a['history'] == b['history'] and a['steps'] == b['steps'] == 8
     np.testing.assert_array_equal(best_params(a, tmp_path / 'stopped'),
                                   best_params(b, tmp_path / 'reference'))
+
+
+def test_group_with_a_run_that_cannot_go_back_is_refused(tmp_path, monkeypatch):
+  """Seed 0, stopped alone at step 4 (one checkpoint kept), cannot join a fresh seed 1
+  at step 0: refused in one line, nothing written."""
+  real_save = checkpoints.RunCheckpoints.save_latest
+
+  def die_at_step_8(self, step, state, meta):
+    if step == 8:
+      raise Killed('at step 8')
+    real_save(self, step, state, meta)
+
+  with data():
+    monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', die_at_step_8)
+    with pytest.raises(Killed):
+      train.train_and_evaluate(tiny_config('base', num_epochs=2), str(tmp_path))
+    monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', real_save)
+    before = tree_listing(tmp_path)
+    with pytest.raises(ValueError, match=r'at different steps \(\S+seed0\S*: 4, \S+seed1\S*: 0\) '
+                       r'and \S+seed0\S* has no checkpoint of step 0; train them separately'):
+      train.train_runs(tiny_config('base', num_epochs=2, num_seeds=2), str(tmp_path))
+  assert tree_listing(tmp_path) == before
 
 
 @pytest.mark.parametrize('overrides,message', [
