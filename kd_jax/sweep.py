@@ -16,7 +16,9 @@ command finishes the grid. When the grid is done, the report (kd_jax.report) is
 written to <workdir>/report.
 
 Cells run one after another in this process (no subprocess per cell: each would pay
-TensorFlow's and JAX's start-up, and the loop already resumes after a crash).
+TensorFlow's and JAX's start-up, and the loop already resumes after a crash). With
+--seeds_together the consecutive seeds of a cell train in one program (config.num_seeds,
+jax.vmap over students), in the same run directories.
 """
 import dataclasses
 import importlib
@@ -180,19 +182,48 @@ def format_plan(runs: Sequence[PlannedRun]) -> str:
   return '\n'.join(lines)
 
 
-def run(runs: Sequence[PlannedRun], workdir: str,
-        log: Callable[[str], None] = print) -> List[str]:
-  """Trains every run not done yet, in order; returns the names of those it trained."""
+def seed_groups(runs: Sequence[PlannedRun]) -> List[List[PlannedRun]]:
+  """The runs as groups that train together (config.num_seeds): the consecutive seeds
+  of each cell (same role, method, dataset and depth), in the order of the plan."""
+  by_cell = {}
+  for planned_run in runs:
+    cell = planned_run.cell
+    by_cell.setdefault((planned_run.role, cell.method, cell.dataset, cell.depth),
+                       []).append(planned_run)
+  groups = []
+  for members in by_cell.values():
+    members = sorted(members, key=lambda r: r.cell.seed)
+    groups.append(members[:1])
+    for planned_run in members[1:]:
+      if planned_run.cell.seed == groups[-1][-1].cell.seed + 1:
+        groups[-1].append(planned_run)
+      else:
+        groups.append([planned_run])
+  return groups
+
+
+def run(runs: Sequence[PlannedRun], workdir: str, log: Callable[[str], None] = print,
+        seeds_together: bool = False) -> List[str]:
+  """Trains every run not done yet, in order; returns the names of those it trained.
+  With `seeds_together`, the consecutive seeds of a cell train in one program."""
   trained = []
-  for i, planned_run in enumerate(runs, 1):
-    status = planned_run.status()
-    if status == 'done':
-      log(f'[{i}/{len(runs)}] done: {planned_run.name}')
+  groups = seed_groups(runs) if seeds_together else [[r] for r in runs]
+  for i, group in enumerate(groups, 1):
+    names = ', '.join(r.name for r in group)
+    todo = [r for r in group if r.status() != 'done']
+    if not todo:
+      log(f'[{i}/{len(groups)}] done: {names}')
       continue
-    log(f'[{i}/{len(runs)}] {"resuming" if status == "partial" else "training"}: '
-        f'{planned_run.name}')
-    train.train_and_evaluate(planned_run.config, workdir)
-    trained.append(planned_run.name)
+    log(f'[{i}/{len(groups)}] '
+        f'{"resuming" if any(r.status() == "partial" for r in todo) else "training"}: {names}')
+    if len(group) == 1:
+      train.train_and_evaluate(group[0].config, workdir)
+    else:
+      config = ml_collections.ConfigDict(group[0].config.to_dict())
+      config.num_seeds = len(group)
+      assert [train.run_name(c) for c in train.seed_configs(config)] == [r.name for r in group]
+      train.train_runs(config, workdir)
+    trained.extend(r.name for r in todo)
   return trained
 
 
@@ -211,7 +242,8 @@ def main(argv):
     print(format_plan(runs), flush=True)
     if flags_.dry_run:
       return
-    run(runs, flags_.workdir, log=lambda msg: (print(msg, flush=True), logging.info(msg)))
+    run(runs, flags_.workdir, log=lambda msg: (print(msg, flush=True), logging.info(msg)),
+        seeds_together=flags_.seeds_together)
     print(format_plan(runs), flush=True)
     if flags_.report:
       from kd_jax import report  # pylint: disable=g-import-not-at-top
@@ -237,6 +269,9 @@ def _define_flags():
   flags.DEFINE_integer('max_epochs', None, 'Caps every run at this many epochs (a quick pass; '
                        'lr drops scaled to match; capped runs get their own run '
                        'directories, tag e<N>).')
+  flags.DEFINE_boolean('seeds_together', False, 'Train the consecutive seeds of each cell in '
+                       'one program (config.num_seeds; for accelerators: on a CPU separate runs '
+                       'are faster).')
   flags.DEFINE_boolean('dry_run', False, 'Print the plan (run dir and done/partial/todo) '
                        'and exit.')
   flags.DEFINE_string('data_dir', None, 'A local TFDS folder holding the datasets.')

@@ -179,3 +179,36 @@ def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
   assert all(f'| {label} |' in table for label in ('baseline', 'ST', 'AT'))
   for png in ('curves_cifar10_resnet_32_8.png', 'bars.png'):
     assert os.path.getsize(os.path.join(report_dir, png)) > 1000
+
+
+def test_seeds_of_a_cell_are_grouped_when_consecutive(tmp_path):
+  runs = sweep.plan('reference', str(tmp_path), seeds=[0, 1, 2])
+  groups = sweep.seed_groups(runs)
+  assert sum(map(len, groups)) == len(runs) == 72
+  # 4 teachers (base, seed 0) alone, the base cells' seeds 1-2, every other cell's 0-2.
+  assert sorted(len(g) for g in groups) == [1] * 4 + [2] * 4 + [3] * 20
+  for group in groups:
+    assert len({(r.role, r.cell.method, r.cell.dataset, r.cell.depth) for r in group}) == 1
+  assert [[r.cell.seed for r in g] for g in sweep.seed_groups(
+      sweep.plan('small', str(tmp_path), methods=['st'], seeds=[0, 2, 3]))] == [[0], [0], [2, 3]]
+
+
+def test_small_grid_with_seeds_together(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'runs')
+  groups = []
+  real_train_runs = train.train_runs
+
+  def recorded(config, root, *args):
+    groups.append([train.run_name(c) for c in train.seed_configs(config)])
+    return real_train_runs(config, root, *args)
+
+  monkeypatch.setattr(train, 'train_runs', recorded)
+  runs = sweep.plan('small', workdir, methods=['st'], seeds=[0, 1], max_epochs=1,
+                    data_dir=TFDS_DATA_DIR)
+  with _data():
+    trained = sweep.run(runs, workdir, log=lambda _: None, seeds_together=True)
+  assert trained == [run.name for run in runs]
+  assert groups == [[runs[0].name], [runs[1].name, runs[2].name]]  # the teacher alone
+  for run in runs:
+    with open(os.path.join(run.run_dir, 'result.json')) as f:
+      assert json.load(f)['seed'] == run.cell.seed
