@@ -65,6 +65,27 @@ def _stop_on_signals():
 COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # None: the variables' dtype
 
 
+class _CompileTime:
+  """Seconds JAX spends tracing, lowering and compiling inside the `with` block."""
+  EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+            '/jax/core/compile/jaxpr_to_mlir_module_duration',
+            '/jax/core/compile/backend_compile_duration')
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _record(self, event, duration_secs, **_):
+    if event in self.EVENTS:
+      self.seconds += duration_secs
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._record)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._record)
+
+
 def run_name(config: ml_collections.ConfigDict) -> str:
   if config.name:
     return config.name
@@ -412,7 +433,7 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
     for run in runs:
       run.meta['train_time_s'] += seconds
 
-  with _stop_on_signals() as stop:
+  with _stop_on_signals() as stop, _CompileTime() as compile_time:
     for epoch in range(meta0['epoch'], config.num_epochs):
       segment_start = time.time()
       pending = []
@@ -422,7 +443,9 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
         if config.checkpoint_every_steps:
           num_steps = min(num_steps, config.checkpoint_every_steps
                           - step % config.checkpoint_every_steps)
+        compiled_before = compile_time.seconds
         state, metrics = train_feed.run(state, teacher, epoch, in_epoch, num_steps)
+        segment_start += compile_time.seconds - compiled_before  # compiling is not training
         pending.append((num_steps, metrics))
         step += num_steps
         in_epoch += num_steps
@@ -499,6 +522,7 @@ def _result(run, step, method) -> Dict[str, Any]:
       'epochs': meta['epoch'], 'steps': step, 'batch_size': config.batch_size,
       'wall_time_s': meta['wall_time_s'], 'train_time_s': meta['train_time_s'],
       'skipped_steps': meta['skipped_steps'],
+      # Per run (a group's runs share their program); compilation is left out.
       'train_images_per_s': step * config.batch_size / max(meta['train_time_s'], 1e-9),
       'config_hash': config_hash(config), **_device_info(),
       'history': meta['history'],

@@ -253,3 +253,14 @@ def test_main_smoke_run(tmp_path):
   assert result['num_test_images'] == 512 and result['steps'] == 1024 // 64
   if TFDS_DATA_DIR:
     assert result['best_accuracy'] > 0.1  # above chance after one epoch on real images
+
+
+def test_compile_time_is_measured_to_leave_it_out_of_images_per_s():
+  """train_images_per_s leaves compilation out by JAX's compile events: they must fire."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  with train._CompileTime() as compile_time:  # pylint: disable=protected-access
+    jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(7)).block_until_ready()
+  assert compile_time.seconds > 0
+  seconds = compile_time.seconds
+  jax.jit(lambda x: jnp.cos(x) * 5.0)(jnp.ones(9)).block_until_ready()
+  assert compile_time.seconds == seconds  # no longer listening
