@@ -387,7 +387,7 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
   if step:
     logging.info('Resuming from step %d (epoch %d, step %d of %d).', step, meta0['epoch'] + 1,
                  meta0['epoch_step'], steps_per_epoch)
-  elif num > 1:  # the step a group stopped during its first saves goes back to
+  elif num > 1:  # a step every run of the group holds, should it stop mid-save later
     for i, run in enumerate(runs):
       run.ckpt.save_latest(0, _take(state, i, num), run.meta)
   for run in runs:
