@@ -1,5 +1,6 @@
 """Models: shapes, sizes, init, names, dtypes, cross-device BatchNorm, scanned and unrolled
 blocks (parity: test_parity.py)."""
+import functools
 import re
 
 import jax
@@ -138,12 +139,15 @@ def test_stack_and_unstack_blocks_are_inverses():
     assert models.to_layout_of(variables, shapes)['params'].keys() == unrolled['params'].keys()
 
 
-@pytest.mark.parametrize('name', ['resnet_32_14', 'resnet14', 'resnet_32_8'])
-def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
-  """Eval outputs; train outputs, batch statistics and gradients. In float64: XLA fuses
-  a scanned block differently, so float32 results can differ in the last bits."""
+@pytest.mark.parametrize('name,unroll_blocks', [
+    ('resnet_32_14', 4), ('resnet14', 4), ('resnet_32_8', 4), ('resnet_32_20', 0),
+    ('resnet_32_20', 4)])
+def test_scanned_blocks_compute_what_unrolled_blocks_do(name, unroll_blocks):
+  """Eval outputs; train outputs, batch statistics and gradients, with the scans as
+  loops (unroll_blocks=0) or unrolled in the program. In float64: XLA fuses a scanned
+  block differently, so float32 results can differ in the last bits."""
   unrolled = models.create_model(name, 10, scan_blocks=False)
-  scanned = models.create_model(name, 10)
+  scanned = models.create_model(name, 10, unroll_blocks=unroll_blocks)
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
                              models.init_variables(unrolled, jax.random.key(0)))
@@ -179,6 +183,17 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(name):
       assert jax.tree.structure(got) == jax.tree.structure(want)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
                    got, want)
+
+
+@pytest.mark.parametrize('name,unroll_blocks,loops', [
+    ('resnet_32_20', 4, False), ('resnet_32_20', 1, True), ('resnet_32_110', 4, True)])
+def test_short_scans_are_unrolled(name, unroll_blocks, loops):
+  """A stage scan of at most unroll_blocks blocks leaves no loop in the program."""
+  model = models.create_model(name, 10, unroll_blocks=unroll_blocks)
+  variables = models.variable_shapes(model)
+  lowered = jax.jit(functools.partial(model.apply, train=False)).lower(
+      variables, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  assert ('stablehlo.while' in lowered.as_text()) == loops
 
 
 def test_gradient_convolutions_are_nhwc():
