@@ -24,6 +24,7 @@ Every row carries the device kind and count, the versions and the batch size.
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -180,7 +181,8 @@ def environment() -> Dict:
   device = jax.devices()[0]
   return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
           'device_count': jax.device_count(), 'jax': jax.__version__, 'flax': flax.__version__,
-          'optax': optax.__version__, 'python': platform.python_version()}
+          'optax': optax.__version__, 'python': platform.python_version(),
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 COLUMNS = (('method', '{}'), ('student', '{}'), ('batch', '{}'), ('dtype', '{}'),
@@ -200,7 +202,7 @@ def table(rows: List[Dict]) -> str:
   env = rows[0]
   lines.append(f"\n{env['device_count']} x {env['device_kind']} ({env['backend']}), "
                f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, "
-               f"python {env['python']}")
+               f"python {env['python']}, XLA_FLAGS='{env['xla_flags']}'")
   return '\n'.join(lines)
 
 

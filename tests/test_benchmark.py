@@ -1,5 +1,6 @@
 """The benchmark runs end to end and reports every column (its timings are not tested)."""
 import json
+import os
 
 import pytest
 
@@ -16,6 +17,7 @@ def test_benchmark_writes_every_measurement(tmp_path, capsys):
   assert row['method'] == 'base' and row['student'] == 'resnet_32_8' and row['teacher'] is None
   assert row['batch'] == 32 and row['device_count'] >= 1 and row['jax']
   assert row['students'] == 2
+  assert row['xla_flags'] == os.environ.get('XLA_FLAGS', '')  # the flags it ran under
   for key in ('step_img_s', 'compile_s', 'eval_img_s', 'input_img_s', 'e2e_img_s',
               'students_img_s'):
     assert row[key] > 0, key
