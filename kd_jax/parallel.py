@@ -56,6 +56,16 @@ def replicate(tree):
   return jax.pmap(lambda _, x: x, in_axes=(0, None))(jnp.arange(n), tree)
 
 
+def like_outputs(tree):
+  """`tree` as `device_parallel` returns outputs: committed arrays replicated over the
+  devices, Python scalars made arrays. A fresh or restored train state differs (an int
+  step, uncommitted or single-device arrays), so a dispatch fed it would compile a
+  program that the next dispatch, fed that dispatch's outputs, compiles again."""
+  n = jax.local_device_count()
+  return jax.pmap(lambda _, x: x, axis_name=AXIS, in_axes=(0, None), out_axes=None)(
+      jnp.arange(n), tree)
+
+
 def device_parallel(fn: Callable, in_axes, donate_argnums=()):
   """pmap of fn(*args, axis_name=AXIS) returning one copy of its (reduced) outputs.
   in_axes: None for a broadcast argument, 0 for a `replicate`d one, 1 for stacked

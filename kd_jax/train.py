@@ -372,8 +372,8 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
     state, run.meta = (run.ckpt.restore_latest(checkpoints.abstract(state))
                        or (state, _new_meta()))
     states.append(state)
-  _train_group(active, _stack(states), config, info, method, teacher, train_feed, eval_feed,
-               schedule)
+  _train_group(active, parallel.like_outputs(_stack(states)), config, info, method, teacher,
+               train_feed, eval_feed, schedule)
   return [run.result for run in runs]
 
 

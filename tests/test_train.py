@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from kd_jax import checkpoints, train
+from kd_jax import checkpoints, steps, train
 from tests.conftest import TFDS_DATA_DIR, write_tiny_cifar10
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,10 +56,17 @@ def tree_listing(root):
   return out
 
 
-def test_run_writes_summaries_checkpoints_result(tmp_path):
+def test_run_writes_summaries_checkpoints_result(tmp_path, monkeypatch):
   config = tiny_config()
+  traces = []
+  trace = steps.train_steps_on_device
+  monkeypatch.setattr(steps, 'train_steps_on_device',
+                      lambda *a, **kw: traces.append(1) or trace(*a, **kw))
   with data():
     result = train.train_and_evaluate(config, str(tmp_path))
+  # One dispatch per epoch, one trace (and compile) for both: the first dispatch's
+  # state has the layout of the dispatches' outputs (parallel.like_outputs).
+  assert len(traces) == 1
   run_dir = tmp_path / train.run_name(config)
   assert run_dir.name == 'base_cifar10_resnet_32_8_seed0_smoke'
   on_disk = json.loads((run_dir / 'result.json').read_text())
