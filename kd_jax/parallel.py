@@ -52,8 +52,7 @@ def replicate(tree):
   """A copy of `tree` on every local device, stacked [local devices, ...], for an
   argument that `device_parallel` maps with in_axes 0 (e.g. a dataset kept on the
   devices): transferred once, not at every call as a broadcast argument would be."""
-  n = jax.local_device_count()
-  return jax.pmap(lambda _, x: x, in_axes=(0, None))(jnp.arange(n), tree)
+  return _broadcast(tree, out_axes=0)
 
 
 def like_outputs(tree):
@@ -61,8 +60,13 @@ def like_outputs(tree):
   devices, Python scalars made arrays. A fresh or restored train state differs (an int
   step, uncommitted or single-device arrays), so a dispatch fed it would compile a
   program that the next dispatch, fed that dispatch's outputs, compiles again."""
+  return _broadcast(tree, out_axes=None)
+
+
+def _broadcast(tree, out_axes):
+  """`tree` broadcast to every local device by an identity pmap, returned per out_axes."""
   n = jax.local_device_count()
-  return jax.pmap(lambda _, x: x, axis_name=AXIS, in_axes=(0, None), out_axes=None)(
+  return jax.pmap(lambda _, x: x, axis_name=AXIS, in_axes=(0, None), out_axes=out_axes)(
       jnp.arange(n), tree)
 
 
