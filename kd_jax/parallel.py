@@ -64,7 +64,9 @@ def like_outputs(tree):
 
 
 def _broadcast(tree, out_axes):
-  """`tree` broadcast to every local device by an identity pmap, returned per out_axes."""
+  """`tree` broadcast to every local device by an identity pmap, returned per out_axes.
+  The pmap is named AXIS, as device_parallel's are: the arrays' sharding names the axis,
+  and a dispatch fed another name compiles again."""
   n = jax.local_device_count()
   return jax.pmap(lambda _, x: x, axis_name=AXIS, in_axes=(0, None), out_axes=out_axes)(
       jnp.arange(n), tree)
