@@ -40,7 +40,8 @@ def load_teacher_variables(config: ml_collections.ConfigDict, template: Mapping,
     if not os.path.isfile(source):
       raise ValueError(f'teacher file {source!r} does not exist')
     logging.info('Teacher: importing the PyTorch checkpoint %s', source)
-    return _cast_like(torch_import.load_pth(source, template), template)
+    model = models.create_model(config.teacher.model, dataset_info.num_classes)
+    return _cast_like(torch_import.load_pth(source, model, template), template)
 
   run_dir = source or default_run_dir
   if not checkpoints.has_best(run_dir):

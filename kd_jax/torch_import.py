@@ -1,14 +1,12 @@
-"""The reference's PyTorch state_dict <-> kd_jax Flax variables.
+"""PyTorch state_dicts <-> kd_jax Flax variables, for every family of the zoo.
 
-Names map one to one: `conv1` / `bn1` (stem), `layer{s}.{j}.conv1|bn1|conv2|bn2`,
-`layer{s}.{j}.downsample.0|1` (projection shortcut conv and BN), `fc`. Conv kernels
-are OIHW in PyTorch and HWIO in Flax; linear weights are [out, in] in PyTorch and
-[in, out] in Flax. `num_batches_tracked` has no Flax counterpart and is dropped.
-The names are those of the unrolled layout (`layer{s}_{j}`); a model that scans its
-blocks (`layer{s}_blocks`, see kd_jax.models) gets them stacked on import and
-unstacked on export.
+Each family names the PyTorch module of each of its Flax modules (`torch_module` in
+its kd_jax.models module, on the unrolled layout); the leaves map by kind: conv kernels
+HWIO <-> OIHW, dense kernels [in, out] <-> [out, in], BatchNorm scale/bias/mean/var <->
+weight/bias/running_mean/running_var. `num_batches_tracked` is ignored on import and
+written as 0 on export (the originals' `load_state_dict` expects it). A model that scans
+its blocks gets them stacked on import and unstacked on export.
 """
-import re
 from typing import Any, Mapping
 
 import jax
@@ -17,96 +15,93 @@ from flax import traverse_util
 
 from kd_jax import models
 
-_BN_TORCH_TO_FLAX = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-                     'running_mean': ('batch_stats', 'mean'),
-                     'running_var': ('batch_stats', 'var')}
-_BN_FLAX_TO_TORCH = {v: k for k, v in _BN_TORCH_TO_FLAX.items()}
+_LEAVES = {('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+           ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}
 
 
-def _module_path(torch_module: str) -> tuple:
-  """'layer2.0.downsample.1' -> ('layer2_0', 'downsample_bn')."""
-  m = re.fullmatch(r'(layer\d+)\.(\d+)\.(.+)', torch_module)
-  if not m:
-    return (torch_module,)
-  sub = {'downsample.0': 'downsample_conv', 'downsample.1': 'downsample_bn'}.get(m[3], m[3])
-  return (f'{m[1]}_{m[2]}', sub)
-
-
-def _torch_module(path: tuple) -> str:
-  if len(path) == 1:
-    return path[0]
-  block, sub = path
-  sub = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}.get(sub, sub)
-  return block.replace('_', '.') + '.' + sub
-
-
-def _is_conv(module_path: tuple) -> bool:
-  return module_path[-1].startswith('conv') or module_path[-1] == 'downsample_conv'
-
-
-def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any],
-                  source: str = 'state_dict') -> dict:
-  """Converts a reference state_dict to Flax variables shaped like `template`.
-
-  `template` is the {'params', 'batch_stats'} of the target model (e.g. from
-  models.init_variables), in either layout; every entry must be matched by name and
-  shape, both ways. Arrays keep the state_dict's dtype. Raises ValueError naming what
-  does not fit; `source` names the state_dict's origin in that message.
-  """
-  flat = {}
-  for key, value in state_dict.items():
-    if not isinstance(key, str):
-      raise ValueError(f'{source} has a non-string key {key!r}')
-    module, _, leaf = key.rpartition('.')
-    if leaf == 'num_batches_tracked':
-      continue
-    value = np.asarray(value)
-    path = _module_path(module)
-    if path[-1].startswith('bn') or path[-1] == 'downsample_bn':
-      collection, name = _BN_TORCH_TO_FLAX.get(leaf, ('params', leaf))
-    elif path == ('fc',):
-      collection, name = 'params', {'weight': 'kernel'}.get(leaf, leaf)
-      value = value.T if leaf == 'weight' and value.ndim == 2 else value
-    elif _is_conv(path) and leaf == 'weight':
-      if value.ndim != 4:
-        raise ValueError(f'{source} entry {key!r} has shape {value.shape}; a conv weight is 4-d')
-      collection, name, value = 'params', 'kernel', value.transpose(2, 3, 1, 0)
-    else:
-      raise ValueError(f'{source} has an unexpected entry {key!r} for a CIFAR ResNet')
-    flat[(collection, *path, name)] = value
-
-  variables = traverse_util.unflatten_dict(flat)
-  # Checked unrolled, where the names and shapes are the state_dict's own.
-  unrolled = jax.eval_shape(models.unstack_blocks,
-                            {k: template[k] for k in ('params', 'batch_stats')})
-  models.check_variables(variables, unrolled, source)
-  return models.to_layout_of(variables, template)
-
-
-def flax_to_torch(variables: Mapping[str, Any]) -> dict:
-  """The inverse of torch_to_flax: reference state_dict names and layouts (numpy)."""
+def _torch_entries(model, unrolled) -> dict:
+  """{torch key: (flax flat key, flax shape)} for the unrolled variables' structure."""
   out = {}
-  variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
-  for (collection, *path, name), value in traverse_util.flatten_dict(
-      models.unstack_blocks(variables)).items():
-    module = _torch_module(tuple(path))
-    if (collection, name) in _BN_FLAX_TO_TORCH:
-      leaf = _BN_FLAX_TO_TORCH[(collection, name)]
-    elif name == 'kernel' and value.ndim == 4:
-      leaf, value = 'weight', value.transpose(3, 2, 0, 1)
-    elif name == 'kernel':
-      leaf, value = 'weight', value.T
+  for key, leaf in traverse_util.flatten_dict(unrolled).items():
+    collection, *path, name = key
+    module = models.torch_module_name(model, path)
+    if name == 'kernel':
+      torch_leaf = 'weight'
+    elif (collection, name) in _LEAVES:
+      torch_leaf = _LEAVES[(collection, name)]
     else:
-      leaf = name
-    out[f'{module}.{leaf}'] = value
+      torch_leaf = name
+    out[f'{module}.{torch_leaf}'] = (key, tuple(leaf.shape))
   return out
 
 
-def load_pth(path: str, template: Mapping[str, Any]) -> dict:
-  """Flax variables from a reference checkpoint file ({'weight': state_dict}).
+def _to_torch_layout(value):
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  return value.T if value.ndim == 2 else value
 
-  torch is needed only here; the file is read with weights_only=True, so it is
-  never unpickled as code.
+
+def _to_flax_layout(value):
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  return value.T if value.ndim == 2 else value
+
+
+def _model_name(model) -> str:
+  return getattr(model, 'name', None) or type(model).__name__
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model, source: str = 'state_dict',
+                  template: Mapping[str, Any] = None) -> dict:
+  """Converts a PyTorch state_dict to Flax variables of `model`.
+
+  `template` (default: the model's variable shapes) gives the layout, scanned or not.
+  Every entry must match by name and shape, both ways; arrays keep the state_dict's
+  dtype. Raises ValueError naming the first missing or unexpected key or the first
+  shape that differs, and the family checked against.
+  """
+  if template is None:
+    template = models.variable_shapes(model)
+  unrolled = jax.eval_shape(models.unstack_blocks,
+                            {k: template[k] for k in ('params', 'batch_stats')})
+  entries = _torch_entries(model, unrolled)
+  against = f'{type(model).__name__} ({type(model).__module__.rsplit(".", 1)[-1]} family)'
+  keys = [k for k in state_dict if not (isinstance(k, str) and k.endswith('num_batches_tracked'))]
+  for key in keys:
+    if key not in entries:
+      raise ValueError(f'{source} does not fit {against}: unexpected key {key!r}')
+  for key in entries:
+    if key not in state_dict:
+      raise ValueError(f'{source} does not fit {against}: missing key {key!r}')
+  flat = {}
+  for key, (flax_key, flax_shape) in entries.items():
+    value = np.asarray(state_dict[key])
+    torch_shape = _to_torch_layout(np.empty(flax_shape, np.bool_)).shape
+    if value.shape != torch_shape:
+      raise ValueError(f'{source} does not fit {against}: {key!r} has shape '
+                       f'{tuple(value.shape)}, expected {tuple(torch_shape)}')
+    flat[flax_key] = _to_flax_layout(value)
+  return models.to_layout_of(traverse_util.unflatten_dict(flat), template)
+
+
+def flax_to_torch(variables: Mapping[str, Any], model) -> dict:
+  """The inverse of torch_to_flax: the PyTorch state_dict (numpy) of `model`."""
+  variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
+  unrolled = models.unstack_blocks(variables)
+  out = {}
+  for key, (flax_key, _) in _torch_entries(model, unrolled).items():
+    out[key] = _to_torch_layout(traverse_util.flatten_dict(unrolled)[flax_key])
+    if key.endswith('.running_var'):
+      out[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
+  return out
+
+
+def read_pth(path: str) -> dict:
+  """The state_dict (numpy) in a PyTorch checkpoint file, read with weights_only=True.
+
+  Accepts what the originals save: {'model': state_dict, ...} (RepDistiller's and
+  mdistiller's train_teacher.py), the reference's {'weight': state_dict}, or a bare
+  state_dict; a 'module.' prefix (nn.DataParallel) is dropped.
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -120,10 +115,24 @@ def load_pth(path: str, template: Mapping[str, Any]) -> dict:
     raise ValueError(f'cannot read teacher file {path!r}: it is corrupt, not a PyTorch '
                      f'checkpoint, or holds objects other than tensors ({type(e).__name__})'
                      ) from None
-  state_dict = saved.get('weight', saved) if isinstance(saved, dict) else None
-  if not isinstance(state_dict, dict) or not all(
+  state_dict = saved
+  if isinstance(saved, dict):
+    for wrapper in ('model', 'weight', 'state_dict'):
+      if isinstance(saved.get(wrapper), dict):
+        state_dict = saved[wrapper]
+        break
+  if not isinstance(state_dict, dict) or not state_dict or not all(
       isinstance(v, torch.Tensor) for v in state_dict.values()):
-    raise ValueError(f"teacher file {path!r} holds no state_dict (expected {{'weight': "
-                     'state_dict}} or a state_dict)')
-  arrays = {k: v.detach().cpu().float().numpy() for k, v in state_dict.items()}
-  return torch_to_flax(arrays, template, f'teacher file {path!r}')
+    raise ValueError(f"teacher file {path!r} holds no state_dict (expected {{'model': "
+                     "state_dict}}, {'weight': state_dict} or a state_dict)")
+  arrays = {}
+  for k, v in state_dict.items():
+    k = k[len('module.'):] if isinstance(k, str) and k.startswith('module.') else k
+    v = v.detach().cpu()
+    arrays[k] = v.numpy() if not v.is_floating_point() else v.float().numpy()
+  return arrays
+
+
+def load_pth(path: str, model, template: Mapping[str, Any] = None) -> dict:
+  """Flax variables of `model` from a PyTorch checkpoint file (see read_pth)."""
+  return torch_to_flax(read_pth(path), model, f'teacher file {path!r}', template)

@@ -45,7 +45,7 @@ def import_reference(vectors, prefix, model_name, num_classes=None):
   """(model, Flax variables) from the state_dict arrays stored under `prefix/`."""
   from kd_jax import models, torch_import  # pylint: disable=g-import-not-at-top
   model = models.create_model(model_name, num_classes or int(vectors['nclass']))
-  variables = torch_import.torch_to_flax(prefixed(vectors, prefix), models.variable_shapes(model))
+  variables = torch_import.torch_to_flax(prefixed(vectors, prefix), model)
   return model, variables
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kd_jax import models
+from kd_jax.models import layers
 from tests.conftest import import_reference, load_parity, rel_err
 
 # Counted by hand from the architectures; He et al.'s ResNet-20/56/110 for CIFAR-10
@@ -71,9 +72,15 @@ def test_float64_variables_give_a_float64_forward():
     assert rel_err(logits, vectors['train/logits']) < 1e-6
 
 
-@pytest.mark.parametrize('name', ['resnet_32_21', 'resnet_32_2', 'resnet_20', 'vgg16', 'resnet'])
-def test_bad_model_names(name):
-  with pytest.raises(ValueError, match=f"unknown model '{name}'.*6n\\+2"):
+@pytest.mark.parametrize('name', ['resnet_20', 'alexnet', 'resnet'])
+def test_unknown_model_names_list_the_families(name):
+  with pytest.raises(ValueError, match=f"unknown model '{name}'; expected one of: .*6n\\+2"):
+    models.create_model(name, 10)
+
+
+@pytest.mark.parametrize('name', ['resnet_32_21', 'resnet_32_2', 'resnet9'])
+def test_impossible_depth_names_value_and_rule(name):
+  with pytest.raises(ValueError, match=f"model '{name}': depth \\d+ is not 6n\\+2"):
     models.create_model(name, 10)
 
 
@@ -173,7 +180,7 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(name, unroll_blocks):
     stacked = models.stack_blocks(variables)
     grads, (outputs, stats) = train(scanned, stacked)
     want_grads, (want_outputs, want_stats) = train(unrolled, variables)
-    assert set(outputs) == {'logits', *models.FEATURE_NAMES}
+    assert set(outputs) == {'logits', 'stem', 'stage1', 'stage2', 'stage3', 'pooled'}
     assert not np.allclose(jax.tree.leaves(stats)[-1],  # the statistics really moved
                            jax.tree.leaves(stacked['batch_stats'])[-1])
     for got, want in [(evaluate(scanned, stacked), evaluate(unrolled, variables)),
@@ -198,7 +205,7 @@ def test_short_scans_are_unrolled(name, unroll_blocks, loops):
 
 def test_gradient_convolutions_are_nhwc():
   """XLA:CPU runs convolutions of other layouts inside a loop with a naive kernel, many
-  times slower (jax-ml/jax#12868); models.nhwc_conv keeps the gradient's convolutions NHWC."""
+  times slower (jax-ml/jax#12868); layers.nhwc_conv keeps the gradient's convolutions NHWC."""
   model = models.create_model('resnet_32_20', 10)
 
   def loss(params, batch_stats, x):
@@ -224,7 +231,7 @@ def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad, w
   """Every convolution of the models (7x7 stem, 3x3 and 1x1 of stride 1 and 2, even and
   odd sizes): the hand-written gradient is autodiff's, in float64, with the kernel's
   gradient summed over chunks of examples (ragged here) as on XLA:CPU, or in one piece."""
-  monkeypatch.setattr(models, 'WGRAD_CPU_CHUNK', wgrad_chunk)
+  monkeypatch.setattr(layers, 'WGRAD_CPU_CHUNK', wgrad_chunk)
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(12, size, size, c_in)))
@@ -232,7 +239,7 @@ def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad, w
     spec = ('NHWC', 'HWIO', 'NHWC')
     args = ((stride, stride), ((pad, pad), (pad, pad)))
     reference = lambda x, w: jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=spec)
-    ours = lambda x, w: models.nhwc_conv(
+    ours = lambda x, w: layers.nhwc_conv(
         x, w, *args, lhs_dilation=(1, 1), rhs_dilation=(1, 1), feature_group_count=1,
         precision=None, dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec))
     y, vjp = jax.vjp(ours, x, w)
