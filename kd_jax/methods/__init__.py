@@ -1,0 +1,97 @@
+"""Distillation methods: one registered object per method, one module per method.
+
+A `Method` holds everything kd_jax knows about a method: its config fields with their
+defaults and documentation (`config.distill.<method>.<field>`), its cross-entropy
+weight, whether it needs a teacher, the teacher's BatchNorm mode the originals run it
+in, and `build(cfg, ctx)`, which returns the Flax module that computes its loss terms.
+
+That module (mdistiller's `Distiller`, minus the models) is called inside the jitted
+train step as
+
+    terms = module(student, teacher, batch, progress, train=True)
+
+- `student`, `teacher`: the models' outputs, {'logits', 'stem', 'stage<i>',
+  'preact_stage<i>', 'pooled'} (see kd_jax.models); `teacher` is None when
+  `needs_teacher` is False.
+- `batch`: {'label': [B] int32, 'index': [B] int32 (the examples' positions in the
+  training split), 'key': a PRNG key for this step (the same on every device)}.
+- `progress`: {'epoch': int32, 1-based as mdistiller counts, 'step': int32}.
+- returns {term name: float32 scalar}, already weighted; the step adds them to the
+  weighted cross-entropy.
+
+The module's own variables: 'params' (trainable connectors, optimised with the student
+by the same SGD and weight decay, checkpointed, never exported), 'batch_stats' (its
+BatchNorms) and 'method_state' (non-gradient state such as memory banks, updated in
+the step). `ctx` gives the shapes of both models' outputs, so a module sizes its layers
+without running the models.
+
+Adding a method: one module under kd_jax/methods/ that calls `register(Method(...))`,
+and its name in MODULES.
+"""
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+
+# Modules (kd_jax/methods/<name>.py) whose import registers methods.
+MODULES = ()
+
+METHODS = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """A config field of a method: `config.distill.<method>.<name>`."""
+  default: Any
+  doc: str
+  check: Optional[Callable[[Any], bool]] = None  # True when the value is acceptable
+  accepted: str = ''  # what `check` accepts, for the error message
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method may size its modules from, known before anything runs."""
+  student: Mapping[str, jax.ShapeDtypeStruct]  # the student's outputs, batch dim first
+  teacher: Optional[Mapping[str, jax.ShapeDtypeStruct]]
+  num_classes: int
+  train_size: int  # examples in the training split (CRD's memory size)
+  steps_per_epoch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  doc: str
+  build: Callable[[Any, Context], nn.Module]  # (cfg: the method's ConfigDict, ctx) -> module
+  fields: Mapping[str, Field] = dataclasses.field(default_factory=dict)
+  ce_weight: float = 1.0
+  needs_teacher: bool = True
+  teacher_bn_mode: str = 'running'  # 'running' or 'batch' statistics for the teacher
+  needs_labels: bool = False
+
+
+def register(method: Method) -> Method:
+  if method.name in METHODS:
+    raise ValueError(f'method {method.name!r} is registered twice')
+  METHODS[method.name] = method
+  return method
+
+
+def _load():
+  for name in MODULES:
+    importlib.import_module(f'kd_jax.methods.{name}')
+
+
+def get(name: str) -> Method:
+  """The method called `name`."""
+  _load()
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; expected one of: {', '.join(sorted(METHODS))}")
+  return METHODS[name]
+
+
+def names():
+  _load()
+  return tuple(sorted(METHODS))
