@@ -35,13 +35,15 @@ def _torch_entries(model, unrolled) -> dict:
   return out
 
 
-def _to_torch_layout(value):
+def to_torch_layout(value):
+  """A Flax kernel in PyTorch's layout: HWIO -> OIHW, [in, out] -> [out, in]."""
   if value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
   return value.T if value.ndim == 2 else value
 
 
-def _to_flax_layout(value):
+def to_flax_layout(value):
+  """A PyTorch weight in Flax's layout: OIHW -> HWIO, [out, in] -> [in, out]."""
   if value.ndim == 4:
     return value.transpose(2, 3, 1, 0)
   return value.T if value.ndim == 2 else value
@@ -76,11 +78,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], model, source: str = 'state_dic
   flat = {}
   for key, (flax_key, flax_shape) in entries.items():
     value = np.asarray(state_dict[key])
-    torch_shape = _to_torch_layout(np.empty(flax_shape, np.bool_)).shape
+    torch_shape = to_torch_layout(np.empty(flax_shape, np.bool_)).shape
     if value.shape != torch_shape:
       raise ValueError(f'{source} does not fit {against}: {key!r} has shape '
                        f'{tuple(value.shape)}, expected {tuple(torch_shape)}')
-    flat[flax_key] = _to_flax_layout(value)
+    flat[flax_key] = to_flax_layout(value)
   return models.to_layout_of(traverse_util.unflatten_dict(flat), template)
 
 
@@ -90,7 +92,7 @@ def flax_to_torch(variables: Mapping[str, Any], model) -> dict:
   unrolled = models.unstack_blocks(variables)
   out = {}
   for key, (flax_key, _) in _torch_entries(model, unrolled).items():
-    out[key] = _to_torch_layout(traverse_util.flatten_dict(unrolled)[flax_key])
+    out[key] = to_torch_layout(traverse_util.flatten_dict(unrolled)[flax_key])
     if key.endswith('.running_var'):
       out[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
   return out
