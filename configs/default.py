@@ -10,6 +10,9 @@ Example: --config=configs/st_cifar100.py:depth=110,smoke
 """
 import ml_collections
 
+from kd_jax import methods
+from kd_jax.methods import distiller
+
 
 def parse_arg(arg):
   """'depth=110,smoke' -> {'depth': 110, 'smoke': True}."""
@@ -22,6 +25,19 @@ def parse_arg(arg):
   return options
 
 
+def distill_config(method: str) -> ml_collections.ConfigDict:
+  """{method name: {field: default}} for the methods of `method` ('a' or 'a+b')."""
+  sections = ml_collections.ConfigDict()
+  for name in distiller.split_names(method):
+    section = ml_collections.ConfigDict()
+    for field_name, field in methods.get(name).fields.items():
+      # A None default still takes a number from the command line.
+      section[field_name] = (ml_collections.config_dict.placeholder(float)
+                             if field.default is None else field.default)
+    sections[name] = section
+  return sections
+
+
 def get_config(arg=None, *, method='base', dataset='cifar10'):
   options = parse_arg(arg)
   config = ml_collections.ConfigDict()
@@ -32,6 +48,12 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
   config.train_split = 'train'
   config.eval_split = 'test'
   config.augment = True
+  # Random-crop padding: 'reflect' (the seed reference) or 'zero' (RepDistiller, mdistiller).
+  config.crop_padding = 'reflect'
+  # Per-channel normalisation of [0, 1] pixels; None: the dataset's statistics
+  # (kd_jax.input_pipeline.DATASETS).
+  config.image_mean = ml_collections.config_dict.placeholder(tuple)
+  config.image_std = ml_collections.config_dict.placeholder(tuple)
   # 'device': the whole uint8 split on the accelerator, batches gathered and augmented
   # inside the train step; 'tfds': tf.data batches from the host. Same distributions.
   config.input_pipeline = 'device'
@@ -75,19 +97,17 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
   config.teacher.auto_train = True
   config.teacher.seed = 0
   # 'batch': BatchNorm with batch statistics, as the reference runs its teacher;
-  # 'running': the teacher's running statistics (eval mode).
+  # 'running': the teacher's running statistics (eval mode), as RepDistiller and
+  # mdistiller do; None: the first method's choice.
   config.teacher.bn_mode = 'batch'
 
-  config.kd = ml_collections.ConfigDict()
-  config.kd.temperature = 4.0
-  config.kd.st_weight = 1.0
-  # Hinton's weighting for st/at_st: (1 - alpha) * CE + alpha * T^2 * KL; None keeps
-  # the reference's CE + st_weight * T^2 * KL.
-  config.kd.alpha = ml_collections.config_dict.placeholder(float)
-  config.kd.at_beta = 1000.0
-  config.kd.logit_target = 'pooled'  # 'pooled' (the reference) or 'logits' (Ba & Caruana)
-  config.kd.logit_weight = 1.0
-  config.kd.fsp_weight = 1.0
+  # Cross-entropy weight; None: the product of the methods' own (e.g. 1 - alpha for st).
+  config.ce_weight = ml_collections.config_dict.placeholder(float)
+  # Each method's fields, `--config.distill.<method>.<field>=...`; the defaults and their
+  # documentation are the method's own (kd_jax/methods/<method>.py).
+  config.distill = distill_config(method)
+  if method == 'at+st':
+    config.distill.st.weight = 0.9  # the reference's at_st
 
   if options['smoke']:
     config.model = 'resnet_32_8'

@@ -36,10 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax import device_data, distill, models, steps
-
-KD_CONFIG = {'temperature': 4.0, 'st_weight': 1.0, 'alpha': None, 'at_beta': 1000.0,
-             'logit_target': 'pooled', 'logit_weight': 1.0, 'fsp_weight': 1.0}
+from kd_jax import device_data, methods, models, steps
+from kd_jax.methods import distiller as distiller_lib
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
@@ -61,25 +59,35 @@ def _random_split(rng, num_examples: int, num_classes: int):
           'label': jnp.asarray(rng.integers(0, num_classes, num_examples).astype(np.int32))}
 
 
-def bench_pair(method_name: str, model_name: str, args) -> Dict:
-  """One row: the measurements of one method with student = teacher = model_name."""
+def bench_pair(method_name: str, pair: str, args) -> Dict:
+  """One row: the measurements of one method on `pair`, 'teacher>>student' or one model
+  name (student = teacher), with the methods' default settings."""
   dtype = DTYPES[args.dtype]
+  teacher_name, _, model_name = pair.rpartition('>>')
+  teacher_name = teacher_name or model_name
   model = models.create_model(model_name, args.classes, dtype=dtype)
-  method = distill.get_method(method_name)
-  teacher = None
-  if method.needs_teacher:
-    teacher = steps.Teacher(model, models.init_variables(model, jax.random.key(1)), True)
+  needs_teacher = method_name != 'base'
+  teacher_model = models.create_model(teacher_name, args.classes, dtype=dtype) if needs_teacher else None
   steps_per_epoch = args.epoch_images // args.batch
+  distiller, ctx = distiller_lib.for_models(
+      method_name, {}, model, teacher_model, batch_size=args.batch, num_classes=args.classes,
+      train_size=args.epoch_images, steps_per_epoch=steps_per_epoch)
+  teacher = None
+  if needs_teacher:
+    bn_mode = methods.get(distiller_lib.split_names(method_name)[0]).teacher_bn_mode
+    teacher = steps.Teacher(teacher_model, models.init_variables(teacher_model, jax.random.key(1)),
+                            bn_mode == 'batch')
   tx = steps.create_optimizer(steps.lr_schedule(0.1, steps_per_epoch, (100, 150), 0.1), 0.9, 1e-4)
   new_state = lambda: steps.create_train_state(
-      model, models.init_variables(model, jax.random.key(0)), tx)
-  step_kw = dict(model=model, method=method, kd_config=KD_CONFIG)
+      model, models.init_variables(model, jax.random.key(0)), tx, 0,
+      distiller_lib.init_variables(distiller, ctx, jax.random.key(2), args.batch))
+  step_kw = dict(model=model, distiller=distiller, steps_per_epoch=steps_per_epoch)
   rng = np.random.default_rng(0)
   train = _random_split(rng, args.epoch_images, args.classes)
   eval_images = max(args.epoch_images // 5 // args.eval_batch, 1) * args.eval_batch
   evaluation = _random_split(rng, eval_images, args.classes)
   row = {'method': method_name, 'student': model_name,
-         'teacher': model_name if method.needs_teacher else None, 'batch': args.batch,
+         'teacher': teacher_name if needs_teacher else None, 'batch': args.batch,
          'dtype': args.dtype, **environment()}
 
   # The train step alone, on a batch already on the device.
@@ -103,7 +111,7 @@ def bench_pair(method_name: str, model_name: str, args) -> Dict:
   eval_batch = {'image': device_data.normalize(evaluation['image'][:args.eval_batch], MEAN, STD),
                 'label': evaluation['label'][:args.eval_batch],
                 'mask': jnp.ones(args.eval_batch, bool)}
-  variables = {'params': holder[0].params, 'batch_stats': holder[0].batch_stats}
+  variables = holder[0].student_variables()
   row['eval_img_s'] = _median_rate(
       lambda: jax.block_until_ready(eval_step(variables, eval_batch)), args.eval_batch,
       args.steps)
@@ -136,7 +144,7 @@ def bench_pair(method_name: str, model_name: str, args) -> Dict:
       state, metrics = run(state, train, 0, epoch_index, first, min(k, steps_per_epoch - first),
                            teacher)
     jax.device_get(metrics)  # the loop reads the epoch's metrics once
-    sums = run_eval({'params': state.params, 'batch_stats': state.batch_stats}, eval_data)
+    sums = run_eval(state.student_variables(), eval_data)
     jax.device_get(sums)
     return state
 
@@ -148,7 +156,7 @@ def bench_pair(method_name: str, model_name: str, args) -> Dict:
 
   if args.students > 1:  # several students (seeds) vmapped in one program
     vmapped = jax.jit(functools.partial(
-        steps.train_steps_on_device_vmapped, num_steps=k, batch_size=args.batch, num_shards=1,
+        steps.over_students(steps.train_steps_on_device, student_args=(0, 2)), num_steps=k, batch_size=args.batch, num_shards=1,
         augment=True, mean=MEAN, std=STD, **step_kw), donate_argnums=(0,))
     num_steps = min(k, steps_per_epoch)
     holder = [jax.tree.map(lambda *xs: jnp.stack(xs),
@@ -185,7 +193,7 @@ def environment() -> Dict:
           'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
-COLUMNS = (('method', '{}'), ('student', '{}'), ('batch', '{}'), ('dtype', '{}'),
+COLUMNS = (('method', '{}'), ('teacher', '{}'), ('student', '{}'), ('batch', '{}'), ('dtype', '{}'),
            ('step_img_s', '{:.0f}'), ('compile_s', '{:.1f}'), ('eval_img_s', '{:.0f}'),
            ('input_img_s', '{:.0f}'), ('e2e_img_s', '{:.0f}'))
 
@@ -208,9 +216,9 @@ def table(rows: List[Dict]) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--methods', default=','.join(distill.METHODS))
+  parser.add_argument('--methods', default='base,logit,st,at,at+st,fsp')
   parser.add_argument('--models', default='resnet_32_20,resnet_32_110',
-                      help='student = teacher models, comma-separated')
+                      help="comma-separated: a model (student = teacher) or 'teacher>>student'")
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--eval_batch', type=int, default=500)
   parser.add_argument('--classes', type=int, default=100)
@@ -231,9 +239,11 @@ def main(argv=None):
     parser.error(f'--epoch_images={args.epoch_images} is smaller than --batch={args.batch}')
   try:  # refuse unknown names before any work
     for name in args.methods.split(','):
-      distill.get_method(name)
-    for name in args.models.split(','):
-      models.create_model(name, args.classes)
+      for part in distiller_lib.split_names(name):
+        methods.get(part)
+    for pair in args.models.split(','):
+      for name in pair.split('>>'):
+        models.create_model(name, args.classes)
   except ValueError as e:
     parser.error(str(e))
 

@@ -48,9 +48,12 @@ def example_keys(seed, epoch, positions: jax.Array) -> jax.Array:
 
 
 def augment(
-    images: jax.Array, keys: jax.Array, mean, std, padding: int = 4
+    images: jax.Array, keys: jax.Array, mean, std, padding: int = 4,
+    padding_mode: str = 'reflect'
 ) -> jax.Array:
-  """Reflect-pad, random crop, random horizontal flip and normalize a batch.
+  """Pad ('reflect' as the seed reference, 'zero' as torchvision's RandomCrop(32,
+  padding=4) in RepDistiller and mdistiller), random crop, random horizontal flip and
+  normalize a batch.
 
   images: uint8 [B, H, W, C]; keys: [B] (from example_keys). Returns float32
   [B, H, W, C]. Crop offsets are uniform in 0..2*padding on each axis.
@@ -58,7 +61,8 @@ def augment(
   _, height, width, channels = images.shape
   p = padding
   # numpy's 'reflect' (edge not repeated) is tf.pad's 'REFLECT'.
-  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode='reflect')
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)),
+                   mode={'reflect': 'reflect', 'zero': 'constant'}[padding_mode])
 
   def crop_and_flip(image, key):
     crop_key, flip_key = jax.random.split(key)

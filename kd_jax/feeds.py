@@ -8,8 +8,9 @@
 
 Both give a dispatch's per-step metrics as arrays [steps_per_dispatch] of which the
 first `num_steps` are real, and evaluate a whole split in one call per epoch on the
-device path. The device feeds also train and evaluate several students at once (one
-per seed, vmapped): states stacked on a leading axis, metrics [students, ...]. The two paths draw the same distributions from different random streams.
+device path. Every feed works on a leading students axis (steps.over_students): states,
+variables and metrics [students, ...], one student per seed; the tf.data feed takes one
+(its batches follow one seed's data order). The two paths draw the same distributions from different random streams.
 """
 import functools
 import itertools
@@ -34,12 +35,13 @@ class DeviceTrainFeed:
     self.steps_per_epoch = self.num_examples // config.batch_size
     _check_steps(self.steps_per_epoch, config.batch_size, self.num_examples, config.train_split)
     self._data = parallel.replicate({'image': images, 'label': labels})
-    self._seeds = seeds[0] if len(seeds) == 1 else jnp.asarray(seeds)
-    run = steps.train_steps_on_device if len(seeds) == 1 else steps.train_steps_on_device_vmapped
+    self._seeds = jnp.asarray(seeds)
+    run = steps.over_students(steps.train_steps_on_device, student_args=(0, 2))
     self._run = parallel.device_parallel(
         functools.partial(run, num_steps=config.steps_per_dispatch,
                           batch_size=config.batch_size, num_shards=jax.device_count(),
-                          augment=config.augment, mean=info.mean, std=info.std, **step_kw),
+                          augment=config.augment, padding_mode=config.crop_padding,
+                          mean=info.mean, std=info.std, **step_kw),
         in_axes=(None, 0, None, None, None, None, None), donate_argnums=(0,))
 
   def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
@@ -51,19 +53,19 @@ class HostTrainFeed:
   """Train steps on tf.data batches, `steps_per_dispatch` per transfer."""
 
   def __init__(self, config, info, step_kw, seeds):
-    del info
     if list(seeds) != [config.seed]:
       raise ValueError(f'the tf.data feed trains one seed per run, not {list(seeds)}')
     self._data = input_pipeline.TrainData(config.dataset, config.train_split,
                                           config.batch_size, config.seed, config.data_dir,
-                                          augment=config.augment)
+                                          augment=config.augment,
+                                          padding_mode=config.crop_padding, info=info)
     self.num_examples = self._data.num_examples
     self.steps_per_epoch = self._data.steps_per_epoch
     self._k = config.steps_per_dispatch
     self._position = None  # (epoch, next step) of self._batches
     self._batches = None
     self._run = parallel.device_parallel(
-        functools.partial(steps.train_steps_from_batches, **step_kw),
+        functools.partial(steps.over_students(steps.train_steps_from_batches), **step_kw),
         in_axes=(None, 1, None, None), donate_argnums=(0,))
 
   def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
@@ -81,7 +83,7 @@ class DeviceEvalFeed:
   """Evaluation of a split held by the devices, in one call, of one student or of
   several (vmapped; variables stacked on a leading axis)."""
 
-  def __init__(self, config, info, model, num_students=1):
+  def __init__(self, config, info, model):
     images, labels = input_pipeline.load_arrays(config.dataset, config.eval_split,
                                                 config.data_dir)
     self.num_examples = len(labels)
@@ -93,41 +95,41 @@ class DeviceEvalFeed:
             'mask': np.arange(num_batches * batch_size) < self.num_examples}
     data = jax.tree.map(lambda x: x.reshape(num_batches, batch_size, *x.shape[1:]), data)
     self._data = parallel.replicate(data)
-    self._num_students = num_students
-    run = steps.eval_on_device if num_students == 1 else steps.eval_on_device_vmapped
     self._run = parallel.device_parallel(
-        functools.partial(run, model=model, batch_size=batch_size,
+        functools.partial(steps.over_students(steps.eval_on_device), model=model, batch_size=batch_size,
                           num_shards=jax.device_count(), mean=info.mean, std=info.std),
         in_axes=(None, 0))
 
   def evaluate(self, variables) -> List[Dict[str, float]]:
     """[{'loss', 'accuracy', 'count'}] of each student."""
-    totals = jax.device_get(self._run(variables, self._data))
-    return [_summarise(jax.tree.map(lambda x: x[i] if self._num_students > 1 else x, totals))
-            for i in range(self._num_students)]
+    return _per_student(jax.device_get(self._run(variables, self._data)))
 
 
 class HostEvalFeed:
   """Evaluation on tf.data batches, one call per batch."""
 
-  def __init__(self, config, info, model, num_students=1):
-    del info
-    if num_students != 1:
-      raise ValueError(f'the tf.data feed evaluates one student, not {num_students}')
+  def __init__(self, config, info, model):
     self._data = input_pipeline.EvalData(config.dataset, config.eval_split,
-                                         config.eval_batch_size, config.data_dir)
+                                         config.eval_batch_size, config.data_dir, info=info)
     self.num_examples = self._data.num_examples
-    self._step = parallel.data_parallel(functools.partial(steps.eval_step, model=model))
+    self._step = parallel.data_parallel(
+        functools.partial(steps.over_students(steps.eval_step), model=model))
 
   def evaluate(self, variables) -> List[Dict[str, float]]:
     totals = None
     for batch in self._data:
       sums = self._step(variables, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return [_summarise(jax.device_get(totals))]
+    return _per_student(jax.device_get(totals))
 
 
 FEEDS = {'device': (DeviceTrainFeed, DeviceEvalFeed), 'tfds': (HostTrainFeed, HostEvalFeed)}
+
+
+def _per_student(totals) -> List[Dict[str, float]]:
+  """Summaries of totals with a leading students axis, one per student."""
+  return [_summarise(jax.tree.map(lambda x: x[i], totals))
+          for i in range(len(totals['count']))]
 
 
 def _summarise(totals) -> Dict[str, float]:

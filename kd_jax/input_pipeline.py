@@ -98,8 +98,12 @@ def _open_split(
   ds = builder.as_dataset(
       split=tfds.split_for_jax_process(split), shuffle_files=False
   )
-  ds = ds.map(
-      lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)},
+  # 'index': the example's position in the split as read here (memory-bank methods
+  # such as CRD keep a row per example). With several processes it is the position in
+  # this process's part.
+  ds = ds.enumerate().map(
+      lambda i, ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32),
+                     'index': tf.cast(i, tf.int32)},
       num_parallel_calls=tf.data.AUTOTUNE,
   )
   # Decode the PNGs once; the uint8 images stay in memory (150 MB for CIFAR).
@@ -134,11 +138,12 @@ def _normalize(image: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
   return (image - tf.constant(info.mean)) / tf.constant(info.std)
 
 
-def _augment(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """Reflect-pad, random crop and random horizontal flip, as the reference."""
+def _augment(image: tf.Tensor, key: tf.Tensor, padding_mode: str = 'reflect') -> tf.Tensor:
+  """Pad (reflect or zero), random crop and random horizontal flip."""
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key))
   p = CROP_PADDING
-  padded = tf.pad(image, [[p, p], [p, p], [0, 0]], mode='REFLECT')
+  padded = tf.pad(image, [[p, p], [p, p], [0, 0]],
+                  mode={'reflect': 'REFLECT', 'zero': 'CONSTANT'}[padding_mode])
   image = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_key)
   return tf.image.stateless_random_flip_left_right(image, seed=flip_key)
 
@@ -147,6 +152,11 @@ def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   return options
+
+
+def split_size(dataset: str, split: str, data_dir: Optional[str]) -> int:
+  """The number of examples of a split (read from the TFDS metadata, not the data)."""
+  return _open_split(get_dataset_info(dataset), split, data_dir)[0]
 
 
 class TrainData:
@@ -160,8 +170,11 @@ class TrainData:
       seed: int,
       data_dir: Optional[str],
       augment: bool = True,
+      padding_mode: str = 'reflect',
+      info: Optional[DatasetInfo] = None,
   ):
-    self.info = get_dataset_info(dataset)
+    self.info = info or get_dataset_info(dataset)
+    self.padding_mode = padding_mode
     self.local_batch_size = _check_batch_size(global_batch_size)
     self.num_examples, self._cached = _open_split(self.info, split, data_dir)
     # Processes get even splits of the split, differing by at most one example:
@@ -193,8 +206,9 @@ class TrainData:
       image = example['image']
       if self.augment:
         key = tf.random.experimental.stateless_fold_in(augment_key, index)
-        image = _augment(image, key)
-      return {'image': _normalize(image, self.info), 'label': example['label']}
+        image = _augment(image, key, self.padding_mode)
+      return {'image': _normalize(image, self.info), 'label': example['label'],
+              'index': example['index']}
 
     # tf.data combines this seed with TF's global seed: never set that one.
     ds = self._cached.shuffle(
@@ -218,8 +232,9 @@ class EvalData:
       split: str,
       global_batch_size: int,
       data_dir: Optional[str],
+      info: Optional[DatasetInfo] = None,
   ):
-    self.info = get_dataset_info(dataset)
+    self.info = info or get_dataset_info(dataset)
     self.local_batch_size = _check_batch_size(global_batch_size)
     self.num_examples, ds = _open_split(self.info, split, data_dir)
     # No process holds more than ceil(num_examples / process_count) examples,

@@ -32,10 +32,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from kd_jax import train
+from kd_jax import rundir
 
 METHOD_LABELS = {'base': 'baseline', 'logit': 'Logits', 'st': 'ST', 'at': 'AT',
-                 'at_st': 'ST + AT', 'fsp': 'FSP'}
+                 'at+st': 'ST + AT', 'fsp': 'FSP'}
 DATASET_LABELS = {'cifar10': 'CIFAR 10', 'cifar100': 'CIFAR 100'}
 
 # The reference's table (hankyul2/KnowledgeDistillation @f019dfc, README): best test
@@ -50,11 +50,11 @@ REFERENCE = {
         'logit': (92.5, 94.2, 69.2, 71.8),
         'st': (92.8, 93.9, 69.9, 74.1),
         'at': (91.9, 93.3, 68.4, 72.6),
-        'at_st': (92.6, 93.7, 68.7, 73.7),
+        'at+st': (92.6, 93.7, 68.7, 73.7),
         'fsp': (92.0, 92.7, 68.0, 72.8),
     }.items()}
 REFERENCE_RUNS = 3
-REFERENCE_FEWER_RUNS = {('at_st', _C['c10_110']): 2, ('at_st', _C['c100_110']): 2}
+REFERENCE_FEWER_RUNS = {('at+st', _C['c10_110']): 2, ('at+st', _C['c100_110']): 2}
 
 Column = Tuple[str, str, str]  # (dataset, student model, teacher model)
 CellKey = Tuple[str, str, str, Optional[str]]  # (method, dataset, model, teacher or None)
@@ -114,11 +114,11 @@ class Cell:
 def load_runs(workdir: str, tag: Optional[str] = None) -> List[Run]:
   """Every finished run under `workdir` (with config.tag == tag when given)."""
   runs = []
-  for path in sorted(glob.glob(os.path.join(workdir, '*', train.RESULT_FILE))):
+  for path in sorted(glob.glob(os.path.join(workdir, '*', rundir.RESULT_FILE))):
     run_dir = os.path.dirname(path)
-    config_path = os.path.join(run_dir, train.CONFIG_FILE)
+    config_path = os.path.join(run_dir, rundir.CONFIG_FILE)
     if not os.path.exists(config_path):
-      raise ValueError(f'{run_dir} has {train.RESULT_FILE} but no {train.CONFIG_FILE}; '
+      raise ValueError(f'{run_dir} has {rundir.RESULT_FILE} but no {rundir.CONFIG_FILE}; '
                        'cannot check which runs may be averaged')
     with open(path) as f:
       result = json.load(f)
@@ -126,15 +126,15 @@ def load_runs(workdir: str, tag: Optional[str] = None) -> List[Run]:
       config = json.load(f)
     if tag is not None and config.get('tag', '') != tag:
       continue
-    if result.get('config_hash') != train.config_hash(config):
+    if result.get('config_hash') != rundir.config_hash(config):
       raise ValueError(f'{path} does not belong to {config_path} (config hash '
-                       f"{result.get('config_hash')} != {train.config_hash(config)})")
+                       f"{result.get('config_hash')} != {rundir.config_hash(config)})")
     runs.append(Run(run_dir, result, config))
   return runs
 
 
 def _identity_without_seed(run: Run) -> dict:
-  identity = train.run_identity(run.config)
+  identity = rundir.run_identity(run.config)
   identity.pop('seed', None)
   return identity
 
@@ -451,7 +451,7 @@ def write_report(workdir: str, out: Optional[str] = None, expected_seeds: int = 
   out = out or os.path.join(workdir, 'report')
   runs = load_runs(workdir, tag)
   if not runs:
-    raise ValueError(f'no finished run (*/{train.RESULT_FILE}) under {workdir!r}'
+    raise ValueError(f'no finished run (*/{rundir.RESULT_FILE}) under {workdir!r}'
                      + ('' if tag is None else f' with tag {tag!r}'))
   table = Table.from_cells(group_cells(runs))
   os.makedirs(out, exist_ok=True)

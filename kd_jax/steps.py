@@ -14,11 +14,21 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from kd_jax import device_data, distill
+from kd_jax import device_data
+from kd_jax.methods import distiller as distiller_lib
+from kd_jax.methods.common import cross_entropy, wide
 
 
 class TrainState(train_state.TrainState):
+  """params and batch_stats hold {'student': ..., 'method': {<method>: ...}}: a method's
+  connectors train with the student. `method_state` is the methods' non-gradient state
+  (e.g. CRD's memory); `rng` (raw key data) gives each step its key."""
   batch_stats: Any = None
+  method_state: Any = None
+  rng: Any = None
+
+  def student_variables(self):
+    return {'params': self.params['student'], 'batch_stats': self.batch_stats['student']}
 
 
 def lr_schedule(base_lr: float, steps_per_epoch: int, boundary_epochs: Sequence[int],
@@ -36,9 +46,17 @@ def create_optimizer(schedule: optax.Schedule, momentum: float, weight_decay: fl
                      optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
 
 
-def create_train_state(model: nn.Module, variables: Mapping, tx) -> TrainState:
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx)
+def create_train_state(model: nn.Module, variables: Mapping, tx, seed: int = 0,
+                       method_variables: Optional[Mapping] = None) -> TrainState:
+  """The state of a student (its {'params', 'batch_stats'}) and its methods' variables."""
+  method_variables = method_variables or {}
+  return TrainState.create(
+      apply_fn=model.apply, tx=tx,
+      params={'student': variables['params'], 'method': method_variables.get('params', {})},
+      batch_stats={'student': variables['batch_stats'],
+                   'method': method_variables.get('batch_stats', {})},
+      method_state=method_variables.get('method_state', {}),
+      rng=jax.random.key_data(jax.random.key(seed)))
 
 
 @struct.dataclass
@@ -66,9 +84,9 @@ def _accuracy(logits, labels):
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optional[Teacher],
-               *, model: nn.Module, method: distill.Method, kd_config: Mapping,
+               *, model: nn.Module, distiller: distiller_lib.Distiller, steps_per_epoch: int,
                skip_nonfinite: bool = False, axis_name: Optional[str] = None):
-  """One SGD step on the student; returns (new state, metrics).
+  """One SGD step on the student and its methods' connectors; returns (new state, metrics).
 
   With `axis_name` (inside pmap), gradients, metrics and BatchNorm statistics are
   averaged over that axis, so N devices compute one device's step on the global batch.
@@ -76,22 +94,31 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
   parameters, BatchNorm statistics and optimizer state as they were (metric 'skipped').
   """
   images, labels = batch['image'], batch['label']
-  teacher_out = teacher(images) if method.needs_teacher else None
-  weight_ce = distill.ce_weight(method.name, kd_config)
+  teacher_out = teacher(images) if distiller.needs_teacher else None
+  method_batch = {'label': labels,
+                  'index': batch.get('index', jnp.zeros_like(labels)),
+                  'key': jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)}
+  # mdistiller counts epochs from 1.
+  step = jnp.asarray(state.step, jnp.int32)
+  progress = {'epoch': step // steps_per_epoch + 1, 'step': step}
 
   def loss_fn(params):
     (logits, features), updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+        {'params': params['student'], 'batch_stats': state.batch_stats['student']}, images,
+        train=True, mutable=['batch_stats'])
     student_out = {**features, 'logits': logits}
-    ce = distill.cross_entropy(logits, labels)
-    terms = method.loss(student_out, teacher_out, labels, kd_config)
-    total = weight_ce * ce + sum(terms.values())
+    ce = cross_entropy(logits, labels)
+    terms, method_updates = distiller.apply(
+        {'params': params['method'], 'batch_stats': state.batch_stats['method'],
+         'method_state': state.method_state},
+        student_out, teacher_out, method_batch, progress, train=True)
+    total = distiller.ce_weight * ce + sum(terms.values())
     metrics = {'loss': total, 'ce': ce, 'accuracy': _accuracy(logits, labels),
                **{f'kd_{k}': v for k, v in terms.items()}}
-    return total, (updates['batch_stats'], metrics)
+    batch_stats = {'student': updates['batch_stats'], 'method': method_updates['batch_stats']}
+    return total, (batch_stats, method_updates['method_state'], metrics)
 
-  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (batch_stats, method_state, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   if teacher_out is not None:
     metrics['teacher_accuracy'] = _accuracy(teacher_out['logits'], labels)
   if axis_name is not None:
@@ -100,7 +127,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
   # Huge updates can overflow the running statistics while the loss is still finite.
   metrics['batch_stats_max'] = jnp.max(jnp.stack([jnp.max(jnp.abs(x))
                                               for x in jax.tree.leaves(batch_stats)]))
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                                    method_state=method_state)
   metrics['param_norm'] = optax.tree_utils.tree_norm(new_state.params)
   if skip_nonfinite:
     finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
@@ -116,7 +144,7 @@ def eval_step(variables: Mapping, batch: Mapping[str, jax.Array], *, model: nn.M
   """Sums of loss and correct predictions over the batch's real (mask True) examples."""
   logits, _ = model.apply(variables, batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(distill.wide(logits), batch['label'])
+  ce = optax.softmax_cross_entropy_with_integer_labels(wide(logits), batch['label'])
   sums = {'loss_sum': jnp.sum(ce * mask),
           'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
           'count': jnp.sum(mask)}
@@ -156,6 +184,7 @@ def _device_part(batch_size: int, num_shards: int, axis_name):
 
 def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teacher, *,
                           num_steps: int, batch_size: int, num_shards: int, augment: bool,
+                          padding_mode: str = 'reflect',
                           mean, std, axis_name=None, **step_kw):
   """Up to `num_steps` train steps (epoch steps first_step, ...) in one program, each
   gathering its batch from `data` ({'image': uint8 [N, H, W, C], 'label': [N]}, the whole
@@ -169,10 +198,10 @@ def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teach
     images = data['image'][indices]
     if augment:
       keys = device_data.example_keys(seed, epoch, step * batch_size + start + jnp.arange(size))
-      images = device_data.augment(images, keys, mean, std)
+      images = device_data.augment(images, keys, mean, std, padding_mode=padding_mode)
     else:
       images = device_data.normalize(images, mean, std)
-    batch = {'image': images, 'label': data['label'][indices]}
+    batch = {'image': images, 'label': data['label'][indices], 'index': indices}
     return train_step(state, batch, teacher, axis_name=axis_name, **step_kw)
 
   return _scan_steps(state, first_step + jnp.arange(num_steps), num_valid, step_fn)
@@ -197,17 +226,20 @@ def eval_on_device(variables, data, *, model: nn.Module, batch_size: int, num_sh
   return jax.lax.scan(body, zeros, data)[0]
 
 
-def train_steps_on_device_vmapped(states, data, seeds, epoch, first_step, num_valid, teacher,
-                                  **kw):
-  """train_steps_on_device for several independent students at once (jax.vmap): states
-  stacked on a leading axis, one seed each (its data order and augmentation), data and
-  teacher shared. Each student's result is the one its own run would give; a small
-  model trained this way fills a large accelerator."""
-  run = functools.partial(train_steps_on_device, **kw)
-  return jax.vmap(run, in_axes=(0, None, 0, None, None, None, None))(
-      states, data, seeds, epoch, first_step, num_valid, teacher)
+def over_students(fn, student_args=(0,)):
+  """`fn` for N >= 1 students: the arguments at positions `student_args` carry a leading
+  students axis (states, seeds, variables), the others are shared (data, teacher); so do
+  the outputs. Each student's result is the one its own run gives. One student runs
+  without vmap, which keeps its program (and its bits) those of a plain run; several are
+  vmapped, which fills an accelerator that one small model leaves idle."""
 
+  def run(*args, **kwargs):
+    num = jax.tree.leaves(args[student_args[0]])[0].shape[0]
+    if num == 1:
+      args = [jax.tree.map(lambda x: x[0], a) if i in student_args else a
+              for i, a in enumerate(args)]
+      return jax.tree.map(lambda x: x[None], fn(*args, **kwargs))
+    in_axes = [0 if i in student_args else None for i in range(len(args))]
+    return jax.vmap(functools.partial(fn, **kwargs), in_axes=in_axes)(*args)
 
-def eval_on_device_vmapped(variables, data, **kw):
-  """eval_on_device of several students at once: variables stacked on a leading axis."""
-  return jax.vmap(functools.partial(eval_on_device, **kw), in_axes=(0, None))(variables, data)
+  return run

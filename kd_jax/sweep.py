@@ -7,7 +7,7 @@
 
 A grid is methods x datasets x depths x seeds; a cell is one (method, dataset, depth,
 seed) run of `configs/<method>_<dataset>.py:depth=N` with `seed` set, in its own run
-directory under --workdir (named by `train.run_name`). The plan lists every teacher
+directory under --workdir (named by `rundir.run_name`). The plan lists every teacher
 first (the baseline run of the teacher's model with `teacher.seed`, shared by every
 student that needs it; it is also the baseline row's seed-`teacher.seed` run), then
 the other cells, seed by seed. A cell whose run directory holds result.json is done
@@ -21,14 +21,15 @@ TensorFlow's and JAX's start-up, and the loop already resumes after a crash). Wi
 jax.vmap over students), in the same run directories.
 """
 import dataclasses
-import importlib
 import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import ml_collections
 
-from kd_jax import distill, teachers, train
+from configs import default
+from kd_jax import methods as methods_lib, rundir, teachers, train
+from kd_jax.methods import distiller
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Grid:
 GRIDS = {
     # The reference's results table: 6 methods, CIFAR-10/100, ResNet-20 >> 20 and
     # ResNet-110 >> 110, 3 runs each (200 epochs; hours per run on a GPU).
-    'reference': Grid(methods=('base', 'logit', 'st', 'at', 'at_st', 'fsp'),
+    'reference': Grid(methods=('base', 'logit', 'st', 'at', 'at+st', 'fsp'),
                       datasets=('cifar10', 'cifar100'), depths=(20, 110), seeds=(0, 1, 2)),
     # A few minutes on a CPU: ResNet-8 >> 8 on 512 CIFAR-10 images, 2 epochs.
     'small': Grid(methods=('base', 'logit', 'st', 'at'), datasets=('cifar10',), depths=(8,),
@@ -76,7 +77,7 @@ class PlannedRun:
 
   def status(self) -> str:
     """'done' (result.json written), 'partial' (started, not finished) or 'todo'."""
-    if os.path.exists(os.path.join(self.run_dir, train.RESULT_FILE)):
+    if os.path.exists(os.path.join(self.run_dir, rundir.RESULT_FILE)):
       return 'done'
     if os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
       return 'partial'
@@ -91,16 +92,10 @@ def get_grid(name: str) -> Grid:
 
 def cell_config(grid: Grid, cell: Cell, max_epochs: Optional[int] = None,
                 data_dir: Optional[str] = None) -> ml_collections.ConfigDict:
-  """The config of one cell: `configs/<method>_<dataset>.py:depth=N[,smoke]`, seed set."""
-  module_name = f'configs.{cell.method}_{cell.dataset}'
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:
-      raise
-    raise ValueError(f'no config for method {cell.method!r} on {cell.dataset!r} '
-                     f'(configs/{cell.method}_{cell.dataset}.py)') from None
-  config = module.get_config(f'depth={cell.depth}' + (',smoke' if grid.smoke else ''))
+  """The config of one cell, `default.get_config('depth=N[,smoke]', method=, dataset=)`
+  (what configs/<method>_<dataset>.py give), seed set."""
+  config = default.get_config(f'depth={cell.depth}' + (',smoke' if grid.smoke else ''),
+                              method=cell.method, dataset=cell.dataset)
   # `:smoke` picks resnet_32_8 whatever the depth: the cell's depth decides.
   config.model = config.teacher.model = f'resnet_32_{cell.depth}'
   config.tag = grid.tag
@@ -144,7 +139,8 @@ def plan(grid_name: str, workdir: str, methods: Optional[Sequence[str]] = None,
   methods, datasets = _selected(methods, grid.methods), _selected(datasets, grid.datasets)
   depths, seeds = _selected(depths, grid.depths), _selected(seeds, grid.seeds)
   for method in methods:
-    distill.get_method(method)  # refuses unknown names
+    for name in distiller.split_names(method):
+      methods_lib.get(name)  # refuses unknown names
   if max_epochs is not None and max_epochs < 1:
     raise ValueError(f'max_epochs={max_epochs} is not accepted; expected an integer >= 1')
   workdir = os.path.abspath(workdir)
@@ -152,7 +148,7 @@ def plan(grid_name: str, workdir: str, methods: Optional[Sequence[str]] = None,
   def planned(role, cell):
     config = cell_config(grid, cell, max_epochs, data_dir)
     train.validate_config(config)
-    return PlannedRun(role, cell, config, os.path.join(workdir, train.run_name(config)))
+    return PlannedRun(role, cell, config, os.path.join(workdir, rundir.run_name(config)))
 
   cells = [Cell(m, d, n, s) for s in seeds for d in datasets for n in depths for m in methods]
   if not cells:
@@ -160,15 +156,15 @@ def plan(grid_name: str, workdir: str, methods: Optional[Sequence[str]] = None,
   runs = [planned('cell', cell) for cell in cells]
   teacher_runs = {}
   for run in runs:
-    if not distill.get_method(run.cell.method).needs_teacher:
+    if not rundir.needs_teacher(run.cell.method):
       continue
     wanted = teachers.teacher_config(run.config)
     base = planned('teacher', Cell('base', run.cell.dataset, _depth(wanted.model),
                                    wanted.seed))
     # The baseline cell must be the very run a student would train as its teacher.
-    if (train.run_name(wanted) != base.name
-        or train.run_identity(wanted) != train.run_identity(base.config)):
-      raise ValueError(f'the teacher of {run.name} ({train.run_name(wanted)}) is not the '
+    if (rundir.run_name(wanted) != base.name
+        or rundir.run_identity(wanted) != rundir.run_identity(base.config)):
+      raise ValueError(f'the teacher of {run.name} ({rundir.run_name(wanted)}) is not the '
                        f'baseline cell {base.name}; the grid and configs disagree')
     teacher_runs.setdefault(base.name, base)
   students = [run for run in runs if run.name not in teacher_runs]
@@ -221,7 +217,7 @@ def run(runs: Sequence[PlannedRun], workdir: str, log: Callable[[str], None] = p
     else:
       config = ml_collections.ConfigDict(group[0].config.to_dict())
       config.num_seeds = len(group)
-      assert [train.run_name(c) for c in train.seed_configs(config)] == [r.name for r in group]
+      assert [rundir.run_name(c) for c in train.seed_configs(config)] == [r.name for r in group]
       train.train_runs(config, workdir)
     trained.extend(r.name for r in todo)
   return trained

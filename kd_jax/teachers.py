@@ -28,6 +28,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   teacher.num_seeds = 1
   teacher.name = ''
   teacher.teacher.checkpoint = ''
+  teacher.distill = ml_collections.ConfigDict()
+  teacher.ce_weight = None
   return teacher
 
 

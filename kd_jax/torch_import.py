@@ -68,7 +68,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], model, source: str = 'state_dic
                             {k: template[k] for k in ('params', 'batch_stats')})
   entries = _torch_entries(model, unrolled)
   against = f'{type(model).__name__} ({type(model).__module__.rsplit(".", 1)[-1]} family)'
-  keys = [k for k in state_dict if not (isinstance(k, str) and k.endswith('num_batches_tracked'))]
+  for key in state_dict:
+    if not isinstance(key, str):
+      raise ValueError(f'{source} has a non-string key {key!r}')
+  keys = [k for k in state_dict if not k.endswith('num_batches_tracked')]
   for key in keys:
     if key not in entries:
       raise ValueError(f'{source} does not fit {against}: unexpected key {key!r}')

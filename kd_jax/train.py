@@ -7,7 +7,7 @@ student, teacher, seed), so every run of a study shares one root and a teacher i
 the baseline run of its model, reused by every student that needs it.
 """
 import contextlib
-import functools
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,10 +26,11 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from kd_jax import (checkpoints, distill, feeds, input_pipeline, models, parallel, steps,
-                    teachers)
-
-CONFIG_FILE, RESULT_FILE = 'config.json', 'result.json'
+from kd_jax import (checkpoints, feeds, input_pipeline, methods, models, parallel, rundir,
+                    steps, teachers)
+from kd_jax.methods import distiller as distiller_lib
+from kd_jax.rundir import (CONFIG_FILE, IF_CONFIG_DIFFERS, RESULT_FILE, config_hash,  # noqa: F401
+                           run_identity, run_name)
 
 
 class Interrupted(Exception):
@@ -86,44 +87,13 @@ class _CompileTime:
     jax.monitoring.unregister_event_duration_listener(self._record)
 
 
-def run_name(config: ml_collections.ConfigDict) -> str:
-  if config.name:
-    return config.name
-  name = f'{config.method}_{config.dataset}_{config.model}'
-  if distill.get_method(config.method).needs_teacher:
-    name += f'_from_{config.teacher.model}'
-  name += f'_seed{config.seed}'
-  return f'{name}_{config.tag}' if config.tag else name
-
-
-def run_identity(config) -> Dict[str, Any]:
-  """The settings that decide a run's result (of a ConfigDict or its saved JSON):
-  where the data lives, what the run directory is called, how often it checkpoints or
-  dispatches, how many seeds train beside it and whether a teacher may be trained on
-  demand do not."""
-  identity = json.loads(json.dumps(
-      config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config))
-  for key in ('data_dir', 'name', 'checkpoint_every_steps', 'steps_per_dispatch', 'num_seeds'):
-    identity.pop(key, None)
-  if distill.get_method(identity['method']).needs_teacher:
-    identity['teacher'].pop('auto_train', None)
-  else:
-    identity.pop('teacher', None)
-    identity.pop('kd', None)
-  return identity
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  blob = json.dumps(run_identity(config), sort_keys=True).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def validate_config(config: ml_collections.ConfigDict):
   """Refuses values no run can use, before anything is built or written."""
-  method = distill.get_method(config.method)
   input_pipeline.get_dataset_info(config.dataset)
   models.create_model(config.model, num_classes=1)  # refuses unknown names
-  if method.needs_teacher:
+  for name in distiller_lib.split_names(config.method):
+    distiller_lib.settings(methods.get(name), config.distill.get(name))
+  if config.method != rundir.BASELINE:
     models.create_model(config.teacher.model, num_classes=1)
   checks = [
       ('num_epochs', config.num_epochs, config.num_epochs >= 1, 'an integer >= 1'),
@@ -139,13 +109,13 @@ def validate_config(config: ml_collections.ConfigDict):
        'increasing epochs >= 1'),
       ('compute_dtype', config.compute_dtype, config.compute_dtype in COMPUTE_DTYPES,
        ' or '.join(map(repr, COMPUTE_DTYPES))),
-      ('teacher.bn_mode', config.teacher.bn_mode, config.teacher.bn_mode in ('batch', 'running'),
-       "'batch' or 'running'"),
-      ('kd.logit_target', config.kd.logit_target, config.kd.logit_target in ('pooled', 'logits'),
-       "'pooled' or 'logits'"),
-      ('kd.temperature', config.kd.temperature, config.kd.temperature > 0, 'a number > 0'),
-      ('kd.alpha', config.kd.alpha, config.kd.alpha is None or 0 <= config.kd.alpha <= 1,
-       'None or a number in [0, 1]'),
+      ('teacher.bn_mode', config.teacher.bn_mode,
+       config.teacher.bn_mode in (None, 'batch', 'running'),
+       "None (the method's choice), 'batch' or 'running'"),
+      ('crop_padding', config.crop_padding, config.crop_padding in ('reflect', 'zero'),
+       "'reflect' or 'zero'"),
+      ('ce_weight', config.ce_weight, config.ce_weight is None or config.ce_weight >= 0,
+       "None (the methods' weight) or a number >= 0"),
       ('checkpoint_every_steps', config.checkpoint_every_steps,
        config.checkpoint_every_steps >= 0, 'an integer >= 0'),
       ('steps_per_dispatch', config.steps_per_dispatch, config.steps_per_dispatch >= 1,
@@ -163,51 +133,6 @@ def validate_config(config: ml_collections.ConfigDict):
       raise ValueError(f'config.{name}={value!r} is not accepted; expected {accepted}')
   parallel.check_divisible('batch_size', config.batch_size)
   parallel.check_divisible('eval_batch_size', config.eval_batch_size)
-
-
-IF_CONFIG_DIFFERS = ('refuse', 'restart', 'resume')
-
-
-def _check_run_dir(run_dir: str, config: ml_collections.ConfigDict,
-                   if_config_differs: str = 'refuse') -> Optional[str]:
-  """Refuses a run directory that holds another run (a different config), unless told
-  to restart (returns 'restart') or to resume with the new config (returns 'resume')."""
-  if if_config_differs not in IF_CONFIG_DIFFERS:
-    raise ValueError(f'if_config_differs={if_config_differs!r} is not accepted; expected one '
-                     f'of: {", ".join(IF_CONFIG_DIFFERS)}')
-  saved_path = os.path.join(run_dir, CONFIG_FILE)
-  if os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = run_identity(json.load(f))
-    new = run_identity(config)
-    differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
-    if differ and if_config_differs == 'refuse':
-      raise ValueError(f'run directory {run_dir!r} holds a run with another config '
-                       f'(differs in: {", ".join(differ)}); choose another --config.name or '
-                       '--workdir, or pass --if_config_differs=restart (the old run is kept '
-                       'beside it) or =resume (continue it with the new config)')
-    return if_config_differs if differ else None
-  elif os.path.isdir(run_dir) and os.listdir(run_dir):
-    raise ValueError(f'run directory {run_dir!r} exists and is not a kd_jax run; '
-                     'choose another --config.name or --workdir')
-  return None
-
-
-def _check_writable(workdir: str):
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'workdir {workdir!r} exists and is not a directory')
-  parent = workdir
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f'workdir {workdir!r} is not writable ({parent!r} is read-only)')
-
-
-def _write_json_atomic(path: str, obj):
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _device_info():
@@ -240,7 +165,7 @@ class _Run:
     self.config = config
     self.name = run_name(config)
     self.dir = os.path.join(workdir, self.name)
-    self.config_change = _check_run_dir(self.dir, config, if_config_differs)
+    self.config_change = rundir.check_run_dir(self.dir, config, if_config_differs)
     self.result_path = os.path.join(self.dir, RESULT_FILE)
     self.ckpt = self.meta = self.writer = self.result = None
 
@@ -257,7 +182,7 @@ class _Run:
       logging.info('Config changed: resuming %s with the new config', self.dir)
     os.makedirs(self.dir, exist_ok=True)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(self.dir, CONFIG_FILE)):
-      _write_json_atomic(os.path.join(self.dir, CONFIG_FILE),
+      rundir.write_json_atomic(os.path.join(self.dir, CONFIG_FILE),
                          json.loads(self.config.to_json_best_effort()))
 
 
@@ -287,11 +212,12 @@ def _common_step(runs) -> int:
 
 
 def _stack(trees):
-  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  """The students axis: per-run states stacked on a leading axis (N >= 1)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _take(tree, i: int, num: int):
-  return tree if num == 1 else jax.tree.map(lambda x: x[i], tree)
+def _take(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -316,7 +242,7 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
   """
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  _check_writable(workdir)
+  rundir.check_writable(workdir)
   runs = [_Run(c, workdir, if_config_differs) for c in seed_configs(config)]
   for run in runs:
     if run.config_change is None and os.path.exists(run.result_path):
@@ -329,28 +255,34 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
   start = _common_step(active)
 
   info = input_pipeline.get_dataset_info(config.dataset)
+  info = dataclasses.replace(info, mean=tuple(config.image_mean or info.mean),
+                             std=tuple(config.image_std or info.std))
   dtype = COMPUTE_DTYPES[config.compute_dtype]
   model = models.create_model(config.model, info.num_classes, dtype=dtype,
                                axis_name=parallel.AXIS)
-  method = distill.get_method(config.method)
-  if method.needs_teacher:
+  teacher_model = None
+  if rundir.needs_teacher(config.method):
     teacher_model = models.create_model(config.teacher.model, info.num_classes, dtype=dtype,
                                         axis_name=parallel.AXIS)
-    _check_method_fits(method, model, teacher_model, config, info)
-  train_feed_cls, eval_feed_cls = feeds.FEEDS[config.input_pipeline]
-  train_feed = train_feed_cls(config, info, dict(
-      model=model, method=method, kd_config=config.kd.to_dict(),
-      skip_nonfinite=config.skip_nonfinite_steps), seeds=[run.config.seed for run in active])
-  eval_feed = eval_feed_cls(config, info, model, num_students=len(active))
+  distiller, ctx = _build_distiller(config, info, model, teacher_model)
 
+  # The teacher before any student data reaches a device (it may have to be trained).
   teacher = None
-  if method.needs_teacher:
+  if teacher_model is not None:
     variables = teachers.load_teacher_variables(
         config, models.variable_shapes(teacher_model, info.image_shape), info,
         default_run_dir=os.path.join(workdir, run_name(teachers.teacher_config(config))),
         train_teacher=lambda teacher_cfg: train_and_evaluate(teacher_cfg, workdir))
+    bn_mode = config.teacher.bn_mode or methods.get(
+        distiller_lib.split_names(config.method)[0]).teacher_bn_mode
     teacher = steps.Teacher(teacher_model, jax.device_put(variables),
-                            batch_stats_mode=config.teacher.bn_mode == 'batch')
+                            batch_stats_mode=bn_mode == 'batch')
+
+  train_feed_cls, eval_feed_cls = feeds.FEEDS[config.input_pipeline]
+  train_feed = train_feed_cls(config, info, dict(
+      model=model, distiller=distiller, steps_per_epoch=ctx.steps_per_epoch,
+      skip_nonfinite=config.skip_nonfinite_steps), seeds=[run.config.seed for run in active])
+  eval_feed = eval_feed_cls(config, info, model)
 
   stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
   for run in active:
@@ -362,7 +294,9 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
                                config.lr_boundaries, config.lr_decay)
   tx = steps.create_optimizer(schedule, config.momentum, config.weight_decay, config.nesterov)
   new_state = lambda seed: steps.create_train_state(
-      model, models.init_variables(model, jax.random.key(seed), info.image_shape), tx)
+      model, models.init_variables(model, jax.random.key(seed), info.image_shape), tx, seed,
+      distiller_lib.init_variables(distiller, ctx, jax.random.fold_in(jax.random.key(seed), 1),
+                                   config.batch_size // jax.device_count()))
   states = []
   for run in active:
     run.ckpt = checkpoints.RunCheckpoints(run.dir, keep=1 if len(active) == 1 else 2)
@@ -372,24 +306,24 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
     state, run.meta = (run.ckpt.restore_latest(checkpoints.abstract(state))
                        or (state, _new_meta()))
     states.append(state)
-  _train_group(active, parallel.like_outputs(_stack(states)), config, info, method, teacher,
+  _train_group(active, parallel.like_outputs(_stack(states)), config, info, teacher,
                train_feed, eval_feed, schedule)
   return [run.result for run in runs]
 
 
-def _train_group(runs, state, config, info, method, teacher, train_feed, eval_feed, schedule):
+def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, schedule):
   """The epoch loop of `runs` (one, or several vmapped: `state` stacked), from their
   common step; sets each run's result."""
   num = len(runs)
   steps_per_epoch = train_feed.steps_per_epoch
   meta0 = runs[0].meta  # epoch, epoch_step and wall_time_s are the same in every run
-  step = int(_take(state, 0, num).step)
+  step = int(_take(state, 0).step)
   if step:
     logging.info('Resuming from step %d (epoch %d, step %d of %d).', step, meta0['epoch'] + 1,
                  meta0['epoch_step'], steps_per_epoch)
   elif num > 1:  # a step every run of the group holds, should it stop mid-save later
     for i, run in enumerate(runs):
-      run.ckpt.save_latest(0, _take(state, i, num), run.meta)
+      run.ckpt.save_latest(0, _take(state, i), run.meta)
   for run in runs:
     run.writer = metric_writers.create_default_writer(run.dir,
                                                       just_logging=jax.process_index() > 0)
@@ -409,7 +343,7 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
     host = jax.device_get(pending)
     first = step - sum(n for n, _ in host)
     for i, run in enumerate(runs):
-      per_step = [{k: (v[i] if num > 1 else v)[j] for k, v in metrics.items()}
+      per_step = [{k: v[i][j] for k, v in metrics.items()}
                   for n, metrics in host for j in range(n)]
       for j, metrics in enumerate(per_step):
         bad = {k: v for k, v in metrics.items() if k != 'skipped' and not math.isfinite(v)}
@@ -426,7 +360,7 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
     nonlocal last_saved
     for i, run in enumerate(runs):
       run.meta['wall_time_s'] = time.time() - run_start
-      run.ckpt.save_latest(step, _take(state, i, num), run.meta)
+      run.ckpt.save_latest(step, _take(state, i), run.meta)
     last_saved = step
 
   def add_train_time(seconds):
@@ -464,10 +398,10 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
                               f'saved in {_dirs(runs)}: rerun the same command to resume')
       collect(pending)
       add_train_time(time.time() - segment_start)
-      tests = evaluate(eval_feed, {'params': state.params, 'batch_stats': state.batch_stats})
+      tests = evaluate(eval_feed, state.student_variables())
       lr = float(schedule(step - 1))
       for i, (run, test) in enumerate(zip(runs, tests)):
-        _end_epoch(run, epoch, step, lr, test, _take(state, i, num), info,
+        _end_epoch(run, epoch, step, lr, test, _take(state, i), info,
                    time.time() - segment_start, label=f'{run.name}: ' if num > 1 else '')
       save_latest()
       if stop.signal and epoch + 1 < config.num_epochs:
@@ -476,7 +410,7 @@ def _train_group(runs, state, config, info, method, teacher, train_feed, eval_fe
   for run in runs:
     run.ckpt.close()
     run.writer.close()
-    run.result = _result(run, step, method)
+    run.result = _result(run, step)
 
 
 def _dirs(runs) -> str:
@@ -491,7 +425,7 @@ def _end_epoch(run, epoch, step, lr, test, state, info, seconds, label):
   meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
   if test['accuracy'] > meta['best_accuracy']:
     meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1
-    run.ckpt.save_best(step, {'params': state.params, 'batch_stats': state.batch_stats},
+    run.ckpt.save_best(step, state.student_variables(),
                        {'model': config.model, 'dataset': config.dataset,
                         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
                         'epoch': epoch + 1, 'accuracy': test['accuracy']})
@@ -509,13 +443,13 @@ def _end_epoch(run, epoch, step, lr, test, state, info, seconds, label):
                test['accuracy'], meta['best_accuracy'], meta['best_epoch'], lr, seconds)
 
 
-def _result(run, step, method) -> Dict[str, Any]:
+def _result(run, step) -> Dict[str, Any]:
   """Writes and returns result.json of a finished run."""
   meta, config = run.meta, run.config
   last = meta['history'][-1]
   result = {
       'name': run.name, 'method': config.method, 'dataset': config.dataset,
-      'model': config.model, 'teacher': config.teacher.model if method.needs_teacher else None,
+      'model': config.model, 'teacher': config.teacher.model if rundir.needs_teacher(config.method) else None,
       'seed': config.seed, 'best_accuracy': meta['best_accuracy'],
       'best_epoch': meta['best_epoch'], 'final_accuracy': last['test_accuracy'],
       'num_test_images': last['test_count'],
@@ -528,22 +462,23 @@ def _result(run, step, method) -> Dict[str, Any]:
       'history': meta['history'],
   }
   if jax.process_index() == 0:
-    _write_json_atomic(run.result_path, result)
+    rundir.write_json_atomic(run.result_path, result)
   logging.info('Done: best test accuracy %.4f at epoch %d; %s', result['best_accuracy'],
                result['best_epoch'], run.result_path)
   return result
 
 
-def _check_method_fits(method, model, teacher_model, config, info):
-  shape = jax.ShapeDtypeStruct((2, *info.image_shape), jnp.float32)
-
-  def outputs(m):
-    variables = models.variable_shapes(m, info.image_shape)
-    logits, features = jax.eval_shape(functools.partial(m.apply, train=False), variables, shape)
-    return {**features, 'logits': logits}
-
+def _build_distiller(config, info, model, teacher_model):
+  """The run's Distiller and the Context it was sized from; refuses, in one line, methods
+  whose features the pair lacks or cannot connect, before anything is written."""
+  train_size = input_pipeline.split_size(config.dataset, config.train_split, config.data_dir)
+  pair = f'student {config.model!r}' + (
+      f', teacher {config.teacher.model!r}' if teacher_model is not None else '')
   try:
-    distill.check_compatible(method, outputs(model), outputs(teacher_model), config.kd.to_dict())
+    return distiller_lib.for_models(
+        config.method, config.distill.to_dict(), model, teacher_model,
+        batch_size=config.batch_size // jax.device_count(), num_classes=info.num_classes,
+        train_size=train_size, steps_per_epoch=max(train_size // config.batch_size, 1),
+        image_shape=info.image_shape, ce_weight=config.ce_weight)
   except ValueError as e:
-    raise ValueError(f'{e} (student {config.model!r}, teacher {config.teacher.model!r})') from None
-
+    raise ValueError(f'{e} ({pair})') from None

@@ -1,6 +1,7 @@
 """Shared test helpers: the parity vectors, the real TFDS folder (when given) and a
 tiny prepared one."""
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +48,85 @@ def import_reference(vectors, prefix, model_name, num_classes=None):
   model = models.create_model(model_name, num_classes or int(vectors['nclass']))
   variables = torch_import.torch_to_flax(prefixed(vectors, prefix), model)
   return model, variables
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny_config's test split; mock data ignores split slicing and gives 256 examples.
+TINY_TEST_IMAGES = 200 if TFDS_DATA_DIR else 256
+
+
+def tiny_config(method='base', dataset='cifar10', **overrides):
+  """A smoke config on 256 train / 200 test images; overrides by dotted key."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke', method=method, dataset=dataset)
+  config.train_split, config.eval_split = 'train[:256]', 'test[:200]'
+  config.batch_size, config.eval_batch_size = 64, 128
+  config.data_dir = TFDS_DATA_DIR if dataset == 'cifar10' else None
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def data(dataset='cifar10'):
+  """Real CIFAR-10 when given, mock data (256 examples per split) otherwise."""
+  if dataset == 'cifar10' and TFDS_DATA_DIR:
+    return contextlib.nullcontext()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.testing.mock_data(num_examples=256)
+
+
+def tree_listing(root):
+  """Every path under root with its size and mtime: 'nothing written' means equal."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def step_kw(method, model, teacher_model=None, steps_per_epoch=10, **fields):
+  """The train step's keyword arguments for `method` between kd_jax models, with
+  fields[<method>] = {field: value} overriding the defaults."""
+  from kd_jax.methods import distiller  # pylint: disable=g-import-not-at-top
+  if method != 'base':
+    teacher_model = teacher_model or model
+  d, _ = distiller.for_models(method, fields, model, teacher_model, batch_size=2,
+                              num_classes=model.num_classes, train_size=100,
+                              steps_per_epoch=steps_per_epoch)
+  return dict(model=model, distiller=d, steps_per_epoch=steps_per_epoch)
+
+
+def train_one_step(config, tmp_path=None):
+  """(state, metrics) of one real train step of `config`'s method on random images,
+  through the library's public API (models, methods, steps), teacher = student model."""
+  del tmp_path
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kd_jax import models, steps  # pylint: disable=g-import-not-at-top
+  from kd_jax.methods import distiller  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model, 10)
+  batch_size = 8
+  d, ctx = distiller.for_models(config.method, config.distill.to_dict(), model, model,
+                                batch_size=batch_size, num_classes=10, train_size=64,
+                                steps_per_epoch=8)
+  tx = steps.create_optimizer(lambda count: 0.1, 0.9, 5e-4)
+  state = steps.create_train_state(model, models.init_variables(model, jax.random.key(0)), tx,
+                                   0, distiller.init_variables(d, ctx, jax.random.key(1),
+                                                               batch_size))
+  teacher = steps.Teacher(model, models.init_variables(model, jax.random.key(2)), True)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32),
+           'index': jnp.arange(batch_size, dtype=jnp.int32)}
+  step = jax.jit(lambda s, b: steps.train_step(s, b, teacher, model=model, distiller=d,
+                                               steps_per_epoch=8))
+  return step(state, batch)
 
 
 def write_tiny_cifar10(data_dir, sizes):

@@ -23,9 +23,9 @@ def test_benchmark_writes_every_measurement(tmp_path, capsys):
     assert row[key] > 0, key
   assert (row['e2e_train_images'], row['e2e_eval_images']) == (160, 32)
   assert report['tfds_input_img_s'] > 0
-  assert '| base | resnet_32_8 | 32 | float32 |' in capsys.readouterr().out
+  assert '| base | None | resnet_32_8 | 32 | float32 |' in capsys.readouterr().out
 
 
 def test_benchmark_refuses_unknown_names():
   with pytest.raises(SystemExit):
-    benchmark.main(['--methods=kd'])
+    benchmark.main(['--methods=hint'])

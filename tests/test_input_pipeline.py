@@ -83,8 +83,11 @@ def test_train_batches(mock_tfds, dataset):
   assert data.steps_per_epoch == NUM_MOCK // BATCH
   batches = list(data.epoch(0))
   assert len(batches) == data.steps_per_epoch
+  indices = np.concatenate([b['index'] for b in batches])
+  # Each example's position in the split, once per epoch (CRD's memory rows).
+  assert len(set(indices.tolist())) == len(indices) and indices.max() < NUM_MOCK
   for batch in batches:
-    assert set(batch) == {'image', 'label'}
+    assert set(batch) == {'image', 'label', 'index'}
     assert batch['image'].dtype == np.float32
     assert batch['image'].shape == (BATCH, 32, 32, 3)
     assert batch['label'].dtype == np.int32 and batch['label'].shape == (BATCH,)

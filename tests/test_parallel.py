@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from tests.test_train import TINY_TEST_IMAGES
+from tests.conftest import TINY_TEST_IMAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
@@ -45,7 +45,7 @@ def _assert_close(a, b, rtol):
 def test_four_devices_step_as_one_device_in_float64(tmp_path):
   """Gradients, parameters, student and teacher BatchNorm statistics, metrics and eval
   sums: in float64 the only differences are summation order."""
-  spec = {'devices': 4, 'x64_steps': ['base', 'at_st'], 'out': str(tmp_path / 'x64')}
+  spec = {'devices': 4, 'x64_steps': ['base', 'at+st'], 'out': str(tmp_path / 'x64')}
   proc = _spawn(spec)
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, output[-3000:]

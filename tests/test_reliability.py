@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoints, train
-from tests.test_train import REPO, data, tiny_config, tree_listing
+from tests.conftest import REPO, data, tiny_config, tree_listing
 
 WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
 STEPS_PER_EPOCH, EPOCHS = 4, 3  # tiny_config: 256 images, batch 64
@@ -212,7 +212,7 @@ def test_orbax_os_errors_become_checkpoint_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('args,message', [
     (['--config.foo=1'], "unknown config field 'foo' in --config.foo=1"),
-    (['--config.kd.temperatur=2'], "did you mean 'temperature'"),
+    (['--config.teacher.bn_mod=batch'], "did you mean 'bn_mode'"),
     (['--config.batch_size=abc'], "flag --config.batch_size=abc: invalid literal"),
     (['--config.num_epochs=0'], 'config.num_epochs=0 is not accepted'),
 ])

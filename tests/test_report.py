@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from kd_jax import report, sweep, train
+from kd_jax import report, rundir, sweep, train
 from tests.conftest import TFDS_DATA_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,18 +26,18 @@ def write_run(workdir, method, dataset, depth, seed, best, num_test_images=10000
   config = sweep.cell_config(sweep.GRIDS['reference'], sweep.Cell(method, dataset, depth, seed))
   for key, value in overrides.items():
     config[key] = value
-  run_dir = os.path.join(workdir, train.run_name(config))
+  run_dir = os.path.join(workdir, rundir.run_name(config))
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     json.dump(json.loads(config.to_json_best_effort()), f)
   history = [{'epoch': e, 'test_accuracy': best * e / 3} for e in (1, 2, 3)]
-  result = {'name': train.run_name(config), 'method': method, 'dataset': dataset,
+  result = {'name': rundir.run_name(config), 'method': method, 'dataset': dataset,
             'model': config.model, 'teacher': None if method == 'base' else config.teacher.model,
             'seed': seed, 'best_accuracy': best, 'best_epoch': 3, 'final_accuracy': best,
             'num_test_images': num_test_images, 'epochs': 3, 'steps': 30,
             'wall_time_s': 1.0, 'train_images_per_s': 100.0, 'device_kind': 'cpu',
             'device_count': 1, 'jax_version': '0', 'flax_version': '0',
-            'config_hash': train.config_hash(config), 'history': history}
+            'config_hash': rundir.config_hash(config), 'history': history}
   with open(os.path.join(run_dir, 'result.json'), 'w') as f:
     json.dump(result, f)
   return run_dir
@@ -192,16 +192,16 @@ def test_report_of_real_short_runs(tmp_path):
 
   # A run of another config in the same cell is refused, naming both runs, on the
   # command line too.
-  st1 = os.path.join(workdir, train.run_name(tiny_config('st', 1)))
+  st1 = os.path.join(workdir, rundir.run_name(tiny_config('st', 1)))
   other = tiny_config('st', 2)
-  other.kd.temperature = 2.0
-  other_dir = os.path.join(workdir, train.run_name(other))
+  other.distill.st.temperature = 2.0
+  other_dir = os.path.join(workdir, rundir.run_name(other))
   shutil.copytree(st1, other_dir)
   with open(os.path.join(other_dir, 'config.json'), 'w') as f:
     json.dump(json.loads(other.to_json_best_effort()), f)
   with open(os.path.join(other_dir, 'result.json')) as f:
     result = json.load(f)
-  result.update(seed=2, config_hash=train.config_hash(other))
+  result.update(seed=2, config_hash=rundir.config_hash(other))
   with open(os.path.join(other_dir, 'result.json'), 'w') as f:
     json.dump(result, f)
   proc = subprocess.run([sys.executable, '-m', 'kd_jax.report', f'--workdir={workdir}',
@@ -210,5 +210,14 @@ def test_report_of_real_short_runs(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       f'error: refusing to average {os.path.basename(st1)[:-len("1_smoke")]}0_smoke and '
-      f'{os.path.basename(other_dir)}: their configs differ in kd, not only in the seed')
+      f'{os.path.basename(other_dir)}: their configs differ in distill, not only in the seed')
   assert not os.path.exists(tmp_path / 'refused')
+
+
+def test_report_imports_neither_jax_nor_tensorflow():
+  """Making a table needs the run directories only (kd_jax.rundir), not the trainer."""
+  code = ('import sys, kd_jax.report; '
+          "print(sorted(m for m in ('jax', 'tensorflow', 'flax', 'orbax') if m in sys.modules))")
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert proc.stdout.strip() == '[]', proc.stdout

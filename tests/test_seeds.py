@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoints, models, teachers, train
-from tests.test_train import data, tiny_config, tree_listing
+from tests.conftest import data, tiny_config, tree_listing
 
 
 class Killed(Exception):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import device_data, distill, models, steps
+from kd_jax import device_data, models, steps
+from kd_jax.methods.common import cross_entropy
+from tests.conftest import step_kw
 
 HEALTH = ('grad_norm', 'param_norm', 'batch_stats_max')
-KD = {'temperature': 4.0, 'st_weight': 1.0, 'at_beta': 1000.0, 'logit_target': 'pooled',
-      'alpha': None}
 
 
 def _setup(method, bn_mode_batch=True, teacher_name='resnet_32_8', dtype=jnp.float32):
@@ -25,15 +25,14 @@ def _setup(method, bn_mode_batch=True, teacher_name='resnet_32_8', dtype=jnp.flo
   # Non-trivial running statistics, so that using them (or not) shows.
   teacher_vars['batch_stats'] = jax.tree.map(lambda a: a + 0.5, teacher_vars['batch_stats'])
   teacher = steps.Teacher(teacher_model, teacher_vars, batch_stats_mode=bn_mode_batch)
-  step = jax.jit(functools.partial(steps.train_step, model=model,
-                                   method=distill.get_method(method), kd_config=KD))
+  step = jax.jit(functools.partial(steps.train_step, **step_kw(method, model, teacher_model)))
   images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
   batch = {'image': images, 'label': jnp.arange(8) % 10}
   return state, teacher, step, batch
 
 
 def test_teacher_is_frozen():
-  state, teacher, step, batch = _setup('at_st')
+  state, teacher, step, batch = _setup('at+st')
   before = jax.tree.map(np.array, teacher.variables)
   for _ in range(2):
     state, metrics = step(state, batch, teacher)
@@ -49,7 +48,7 @@ def test_no_gradient_reaches_the_teacher():
 
   def loss_of_teacher(teacher_vars):
     _, metrics = steps.train_step(state, batch, teacher.replace(variables=teacher_vars),
-                                  model=model, method=distill.get_method('st'), kd_config=KD)
+                                  **step_kw('st', model))
     return metrics['loss']
 
   grads = jax.jit(jax.grad(loss_of_teacher))(teacher.variables)
@@ -108,7 +107,7 @@ def test_eval_step_counts_only_real_examples():
   logits, _ = model.apply(variables, images[:4], train=False)
   assert float(sums['count']) == 4
   assert float(sums['correct']) == float(jnp.sum(jnp.argmax(logits, -1) == labels[:4]))
-  np.testing.assert_allclose(sums['loss_sum'], 4 * distill.cross_entropy(logits, labels[:4]),
+  np.testing.assert_allclose(sums['loss_sum'], 4 * cross_entropy(logits, labels[:4]),
                              rtol=1e-5)
 
 
@@ -125,8 +124,7 @@ def test_scanned_steps_equal_single_steps():
     single, metrics = step(single, jax.tree.map(lambda x: x[i], batches), teacher)
     expected.append(metrics)
   scanned = jax.jit(functools.partial(
-      steps.train_steps_from_batches, model=models.create_model('resnet_32_8', 10),
-      method=distill.get_method('st'), kd_config=KD))
+      steps.train_steps_from_batches, **step_kw('st', models.create_model('resnet_32_8', 10))))
   # Three compiled steps, two run: the third leaves state and metrics alone.
   got_state, got = scanned(state, batches, 2, teacher)
   assert int(got_state.step) == 2
@@ -154,8 +152,7 @@ def _check_steps_on_device():
   seed, epoch, batch_size = 7, 3, 8
   run = jax.jit(functools.partial(
       steps.train_steps_on_device, num_steps=2, batch_size=batch_size, num_shards=1,
-      augment=True, mean=mean, std=std, model=models.create_model('resnet_32_8', 10),
-      method=distill.get_method('st'), kd_config=KD))
+      augment=True, mean=mean, std=std, **step_kw('st', models.create_model('resnet_32_8', 10))))
   got_state, got = run(state, data, seed, epoch, 1, 2, teacher)
 
   # The same steps with batches built outside: epoch steps 1 and 2.
@@ -190,6 +187,18 @@ def test_eval_on_device_sums_the_real_examples():
   assert float(got['count']) == 9
 
 
+def test_one_student_on_the_students_axis_is_a_plain_step():
+  # Another XLA program (the squeeze), so equal up to float32 rounding, not bit for bit.
+  state, teacher, step, batch = _setup('st')
+  plain, plain_metrics = step(state, batch, teacher)
+  axis = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+  model = models.create_model('resnet_32_8', 10)
+  run = jax.jit(functools.partial(steps.over_students(steps.train_step), **step_kw('st', model)))
+  got, metrics = run(axis, batch, teacher)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-6, atol=1e-7),
+               (got, metrics), (plain, plain_metrics))
+
+
 def test_vmapped_students_equal_separate_runs():
   """Two students (seeds 3 and 4, each its own initialisation, data order and
   augmentation) trained in one vmapped program give what two separate runs give: in
@@ -200,17 +209,18 @@ def test_vmapped_students_equal_separate_runs():
     tx = steps.create_optimizer(steps.lr_schedule(0.1, 10, (1,), 0.1), 0.9, 1e-4)
     seeds = (3, 4)
     states = [steps.create_train_state(model, jax.tree.map(
-        lambda x: x.astype(jnp.float64), models.init_variables(model, jax.random.key(s))), tx)
+        lambda x: x.astype(jnp.float64), models.init_variables(model, jax.random.key(s))), tx, s)
               for s in seeds]
     rng = np.random.default_rng(0)
     data = {'image': jnp.asarray(rng.integers(0, 256, (24, 32, 32, 3), np.uint8)),
             'label': jnp.asarray(rng.integers(0, 10, 24).astype(np.int32))}
     kw = dict(num_steps=2, batch_size=8, num_shards=1, augment=True, mean=(0.5,) * 3,
-              std=(0.25,) * 3, model=model, method=distill.get_method('st'), kd_config=KD)
+              std=(0.25,) * 3, **step_kw('st', model))
     separate = [jax.jit(functools.partial(steps.train_steps_on_device, **kw))(
         state, data, seed, 1, 0, 2, teacher) for state, seed in zip(states, seeds)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    together, metrics = jax.jit(functools.partial(steps.train_steps_on_device_vmapped, **kw))(
+    together, metrics = jax.jit(functools.partial(
+        steps.over_students(steps.train_steps_on_device, student_args=(0, 2)), **kw))(
         stacked, data, jnp.array(seeds), 1, 0, 2, teacher)
     for i, (state, student_metrics) in enumerate(separate):
       _assert_trees_close(jax.tree.map(lambda x: x[i], together.params), state.params,
@@ -220,5 +230,5 @@ def test_vmapped_students_equal_separate_runs():
       _assert_trees_close(jax.tree.map(lambda x: x[i], metrics), student_metrics,
                           rtol=1e-6, atol=1e-8)
     # Different students, not copies.
-    assert float(jnp.abs(together.params['fc']['kernel'][0]
-                         - together.params['fc']['kernel'][1]).max()) > 1e-3
+    assert float(jnp.abs(together.params['student']['fc']['kernel'][0]
+                         - together.params['student']['fc']['kernel'][1]).max()) > 1e-3

@@ -12,12 +12,12 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from kd_jax import sweep, teachers, train
+from kd_jax import rundir, sweep, teachers, train
 from tests.conftest import TFDS_DATA_DIR
-from tests.test_train import tree_listing
+from tests.conftest import tree_listing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ('base', 'logit', 'st', 'at', 'at_st', 'fsp')
+METHODS = ('base', 'logit', 'st', 'at', 'at+st', 'fsp')
 
 
 def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):
@@ -32,23 +32,23 @@ def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):
                                            for d in ('cifar10', 'cifar100') for n in (20, 110)}
   names = [run.name for run in runs]
   assert 'base_cifar100_resnet_32_110_seed0' in names[:4]
-  assert 'at_st_cifar10_resnet_32_110_from_resnet_32_110_seed2' in names
+  assert 'at+st_cifar10_resnet_32_110_from_resnet_32_110_seed2' in names
   position = {name: i for i, name in enumerate(names)}
   for i, run in enumerate(runs):
     config = run.config
     assert config.seed == run.cell.seed and config.model == f'resnet_32_{run.cell.depth}'
     assert (config.method, config.dataset, config.num_epochs) == (
         run.cell.method, run.cell.dataset, 200)
-    assert run.run_dir == os.path.join(str(tmp_path), train.run_name(config))
+    assert run.run_dir == os.path.join(str(tmp_path), rundir.run_name(config))
     assert run.status() == 'todo'
     if run.cell.method != 'base':
       # The student's teacher is the baseline cell of seed 0: the same run directory.
       teacher = teachers.teacher_config(config)
-      assert position[train.run_name(teacher)] < i
-      assert runs[position[train.run_name(teacher)]].role == 'teacher'
-      assert train.run_identity(teacher) == train.run_identity(
-          runs[position[train.run_name(teacher)]].config)
-  assert runs[position['at_st_cifar100_resnet_32_20_from_resnet_32_20_seed1']].config.kd.st_weight \
+      assert position[rundir.run_name(teacher)] < i
+      assert runs[position[rundir.run_name(teacher)]].role == 'teacher'
+      assert rundir.run_identity(teacher) == rundir.run_identity(
+          runs[position[rundir.run_name(teacher)]].config)
+  assert runs[position['at+st_cifar100_resnet_32_20_from_resnet_32_20_seed1']].config.distill.st.weight \
       == 0.9
 
 
@@ -61,7 +61,7 @@ def test_subsets_and_capped_epochs(tmp_path):
       'st_cifar100_resnet_32_110_from_resnet_32_110_seed2_e5']
   assert [run.role for run in runs] == ['teacher', 'cell', 'cell']
   assert all(run.config.num_epochs == 5 and run.config.data_dir == '/data/tfds' for run in runs)
-  assert train.run_name(teachers.teacher_config(runs[1].config)) == runs[0].name
+  assert rundir.run_name(teachers.teacher_config(runs[1].config)) == runs[0].name
 
   # Baselines alone need no teacher; a cap above the grid's epochs changes nothing.
   runs = sweep.plan('small', str(tmp_path), methods=['base'], max_epochs=10)
@@ -79,8 +79,8 @@ def test_subsets_and_capped_epochs(tmp_path):
 @pytest.mark.parametrize('kwargs,message', [
     ({'grid_name': 'huge'}, "unknown grid 'huge'"),
     ({'methods': ['crd']}, "unknown method 'crd'"),
-    ({'datasets': ['mnist']}, "no config for method 'base' on 'mnist'"),
-    ({'depths': [21]}, "unknown model 'resnet_32_21'"),
+    ({'datasets': ['mnist']}, "unknown dataset 'mnist'; expected one of: cifar10, cifar100"),
+    ({'depths': [21]}, "model 'resnet_32_21': depth 21 is not 6n\\+2"),
     ({'max_epochs': 0}, 'max_epochs=0'),
     ({'seeds': []}, 'the selection is empty'),
 ])
@@ -107,7 +107,7 @@ def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatc
 
   calls = []
   monkeypatch.setattr(train, 'train_and_evaluate',
-                      lambda config, workdir: calls.append((train.run_name(config), workdir)))
+                      lambda config, workdir: calls.append((rundir.run_name(config), workdir)))
   messages = []
   trained = sweep.run(runs, str(tmp_path), log=messages.append)
   assert trained == [run.name for run in runs[1:]]
@@ -140,7 +140,7 @@ def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
   real_train_and_evaluate = train.train_and_evaluate
 
   def counted(config, root):
-    calls.append(train.run_name(config))
+    calls.append(rundir.run_name(config))
     return real_train_and_evaluate(config, root)
 
   monkeypatch.setattr(train, 'train_and_evaluate', counted)
@@ -199,7 +199,7 @@ def test_small_grid_with_seeds_together(tmp_path, monkeypatch):
   real_train_runs = train.train_runs
 
   def recorded(config, root, *args):
-    groups.append([train.run_name(c) for c in train.seed_configs(config)])
+    groups.append([rundir.run_name(c) for c in train.seed_configs(config)])
     return real_train_runs(config, root, *args)
 
   monkeypatch.setattr(train, 'train_runs', recorded)

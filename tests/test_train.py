@@ -17,44 +17,8 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from kd_jax import checkpoints, steps, train
-from tests.conftest import TFDS_DATA_DIR, write_tiny_cifar10
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tiny_config's test split; mock data ignores split slicing and gives 256 examples.
-TINY_TEST_IMAGES = 200 if TFDS_DATA_DIR else 256
-
-
-def tiny_config(method='base', dataset='cifar10', **overrides):
-  config = default.get_config('smoke', method=method, dataset=dataset)
-  config.train_split, config.eval_split = 'train[:256]', 'test[:200]'
-  config.batch_size, config.eval_batch_size = 64, 128
-  config.data_dir = TFDS_DATA_DIR if dataset == 'cifar10' else None
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def data(dataset='cifar10'):
-  """Real CIFAR-10 when given, mock data (256 examples per split) otherwise."""
-  if dataset == 'cifar10' and TFDS_DATA_DIR:
-    return contextlib.nullcontext()
-  return tfds.testing.mock_data(num_examples=256)
-
-
-def tree_listing(root):
-  """Every path under root with its size and mtime: 'nothing written' means equal."""
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    for name in dirnames + filenames:
-      path = os.path.join(dirpath, name)
-      st = os.stat(path)
-      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
-  return out
-
+from tests.conftest import (REPO, TFDS_DATA_DIR, TINY_TEST_IMAGES, data, tiny_config,
+                            tree_listing, write_tiny_cifar10)
 
 def test_run_writes_summaries_checkpoints_result(tmp_path, monkeypatch):
   config = tiny_config()
@@ -178,11 +142,11 @@ def _teacher_run(tmp_path):
 
 
 @pytest.mark.parametrize('overrides,message', [
-    ({'model': 'resnet_32_21'}, "unknown model 'resnet_32_21'"),
+    ({'model': 'resnet_32_21'}, "model 'resnet_32_21': depth 21 is not 6n\\+2"),
     ({'model': 'wide_resnet'}, "unknown model 'wide_resnet'"),
-    ({'teacher.model': 'resnet_32_9', 'method': 'st'}, "unknown model 'resnet_32_9'"),
+    ({'teacher.model': 'resnet_32_9', 'method': 'st'}, "model 'resnet_32_9': depth 9"),
     ({'dataset': 'mnist'}, "unknown dataset 'mnist'"),
-    ({'method': 'crd'}, "unknown method 'crd'"),
+    ({'method': 'hint'}, "unknown method 'hint'"),
     ({'batch_size': 512}, 'batch_size 512 is larger than the 256 examples'),
     ({'batch_size': 0}, 'config.batch_size=0'),
     ({'num_epochs': 0}, 'config.num_epochs=0'),
@@ -196,7 +160,7 @@ def _teacher_run(tmp_path):
     ({'method': 'st', 'teacher.checkpoint': '/nowhere/run'},
      "teacher.checkpoint '/nowhere/run' is neither"),
     ({'method': 'at', 'teacher.model': 'resnet8'}, "method 'at' cannot compare"),
-    ({'method': 'at_st', 'teacher.model': 'resnet20'}, "method 'at_st' cannot compare"),
+    ({'method': 'at+st', 'teacher.model': 'resnet20'}, "method 'at' cannot compare"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, overrides, message):
   (tmp_path / 'keep.txt').write_text('a user file')
@@ -242,7 +206,7 @@ def test_main_reports_bad_input_in_one_line(tmp_path):
                '--config.model=resnet_32_19', cwd=tmp_path)
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and errors[0].startswith("error: unknown model 'resnet_32_19'; expected")
+  assert len(errors) == 1 and errors[0].startswith("error: model 'resnet_32_19': depth 19 is not 6n+2")
   assert 'Traceback' not in proc.stderr
   assert not os.listdir(tmp_path)
 
@@ -271,3 +235,19 @@ def test_compile_time_is_measured_to_leave_it_out_of_images_per_s():
   seconds = compile_time.seconds
   jax.jit(lambda x: jnp.cos(x) * 5.0)(jnp.ones(9)).block_until_ready()
   assert compile_time.seconds == seconds  # no longer listening
+
+
+def test_run_directory_of_an_earlier_kd_jax_is_refused_in_one_line(tmp_path):
+  """Runs written before config.distill (they have config.kd) cannot resume."""
+  config = tiny_config('st')
+  run_dir = tmp_path / train.run_name(config)
+  run_dir.mkdir()
+  old = json.loads(config.to_json_best_effort())
+  old.pop('distill')
+  old['kd'] = {'temperature': 4.0, 'st_weight': 1.0}
+  (run_dir / 'config.json').write_text(json.dumps(old))
+  before = tree_listing(tmp_path)
+  with pytest.raises(ValueError, match='written by an earlier kd_jax') as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert '\n' not in str(e.value)
+  assert tree_listing(tmp_path) == before

@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import traverse_util
 
-from kd_jax import distill, models, parallel, steps, train
-from tests.test_train import TFDS_DATA_DIR, tiny_config
+from kd_jax import models, parallel, steps, train
+from tests.conftest import TFDS_DATA_DIR, step_kw, tiny_config
 
 
 def compare_x64_steps(methods, num_steps=4):
@@ -39,7 +39,7 @@ def compare_x64_steps(methods, num_steps=4):
   teacher_vars = as64(models.init_variables(single, jax.random.key(1)))
   diffs = {}
   for method in methods:
-    kw = dict(method=distill.get_method(method), kd_config={'temperature': 4.0, 'at_beta': 1000.0})
+    kw = {k: v for k, v in step_kw(method, single).items() if k != 'model'}
     step1 = jax.jit(functools.partial(steps.train_step, model=single, **kw))
     stepn = parallel.data_parallel(functools.partial(steps.train_step, model=sharded, **kw), 1)
     s1 = sn = steps.create_train_state(single, student, tx)
@@ -55,7 +55,7 @@ def compare_x64_steps(methods, num_steps=4):
     diffs[method] = worst
   batch = {'image': jax.random.normal(jax.random.key(3), (16, 32, 32, 3), jnp.float64),
            'label': jnp.arange(16) % 10, 'mask': jnp.arange(16) < 11}
-  variables = {'params': s1.params, 'batch_stats': s1.batch_stats}
+  variables = s1.student_variables()
   e1 = jax.jit(functools.partial(steps.eval_step, model=single))(variables, batch)
   en = parallel.data_parallel(functools.partial(steps.eval_step, model=sharded))(variables, batch)
   diffs['eval'] = max(float(abs(e1[k] - en[k]) / max(abs(e1[k]), 1e-30)) for k in e1)

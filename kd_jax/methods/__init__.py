@@ -30,13 +30,13 @@ and its name in MODULES.
 """
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 
 # Modules (kd_jax/methods/<name>.py) whose import registers methods.
-MODULES = ()
+MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd')
 
 METHODS = {}
 
@@ -66,10 +66,33 @@ class Method:
   doc: str
   build: Callable[[Any, Context], nn.Module]  # (cfg: the method's ConfigDict, ctx) -> module
   fields: Mapping[str, Field] = dataclasses.field(default_factory=dict)
-  ce_weight: float = 1.0
+  ce_weight: Union[float, Callable[[Any], float]] = 1.0  # a number or a function of cfg
   needs_teacher: bool = True
   teacher_bn_mode: str = 'running'  # 'running' or 'batch' statistics for the teacher
   needs_labels: bool = False
+
+
+class PureLoss(nn.Module):
+  """A method without variables: `fn(cfg, student, teacher, batch, progress)` -> terms."""
+  fn: Callable
+  cfg: Any
+
+  def __call__(self, student, teacher, batch, progress, train: bool = True):
+    del train
+    return self.fn(self.cfg, student, teacher, batch, progress)
+
+
+def pure(fn: Callable) -> Callable[[Any, Context], nn.Module]:
+  """A Method's `build` for a loss that is a pure function of the models' outputs."""
+  return lambda cfg, ctx: PureLoss(fn, cfg)
+
+
+def positive(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def non_negative(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
 
 
 def register(method: Method) -> Method:

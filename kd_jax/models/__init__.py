@@ -25,7 +25,7 @@ from flax import traverse_util
 from kd_jax.models.scan import SCANNED_COLLECTIONS, stack_blocks, to_layout_of, unstack_blocks
 
 # Family modules (kd_jax/models/<name>.py), tried in this order.
-FAMILIES = ('resnet',)
+FAMILIES = ('resnet', 'resnetv2', 'wrn', 'vgg', 'mobilenetv2', 'shufflenet')
 
 
 def family(name: str):

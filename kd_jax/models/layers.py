@@ -84,21 +84,22 @@ WGRAD_CPU_CHUNK = 16
 
 
 def _nhwc_conv(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(1, 1),
-               rhs_dilation=(1, 1)):
+               rhs_dilation=(1, 1), groups=1, batch_groups=1):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=groups, batch_group_count=batch_groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, strides, padding):
-  return _nhwc_conv(x, kernel, strides, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, padding, groups):
+  return _nhwc_conv(x, kernel, strides, padding, groups=groups)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-  return _nhwc_conv(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, groups):
+  return _nhwc_conv(x, kernel, strides, padding, groups=groups), (x, kernel)
 
 
-def _conv_bwd(strides, padding, residuals, dy):
+def _conv_bwd(strides, padding, groups, residuals, dy):
   x, kernel = residuals
   k, size, out = kernel.shape[:2], x.shape[1:3], dy.shape[1:3]
   # Rows of the padded input that the last window does not reach (stride > 1) take
@@ -106,17 +107,21 @@ def _conv_bwd(strides, padding, residuals, dy):
   # leaves them out.
   unused = [n + lo + hi - ((o - 1) * s + kk) for n, (lo, hi), o, s, kk
             in zip(size, padding, out, strides, k)]
-  dx = _nhwc_conv(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2),
+  # The transposed kernel of each group: [kh, kw, c_in/g, g, c_out/g] -> [kh, kw, c_out/g, c_in].
+  kh, kw, group_in, c_out = kernel.shape
+  flipped = jnp.flip(kernel, (0, 1)).reshape(kh, kw, group_in, groups, c_out // groups)
+  dx = _nhwc_conv(dy, flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, c_out // groups, -1),
                   padding=[(kk - 1 - lo, kk - 1 - hi + u)
                            for kk, (lo, hi), u in zip(k, padding, unused)],
-                  lhs_dilation=strides)
+                  lhs_dilation=strides, groups=groups)
   dkernel_padding = [(lo, hi - u) for (lo, hi), u in zip(padding, unused)]
 
   def dkernel(chunk):
-    # Input channels as the batch and examples as the features give [c_in, kh, kw, c_out].
+    # Input channels as the batch and examples as the features give [c_in, kh, kw, c_out];
+    # with groups, batch groups pair each group's input channels with its outputs only.
     def part(xs, dys):
       return _nhwc_conv(xs.transpose(3, 1, 2, 0), dys.transpose(1, 2, 0, 3),
-                        padding=dkernel_padding, rhs_dilation=strides)
+                        padding=dkernel_padding, rhs_dilation=strides, batch_groups=groups)
     starts = range(0, x.shape[0], chunk)
     return sum(part(x[i:i + chunk], dy[i:i + chunk]) for i in starts).transpose(1, 2, 0, 3)
 
@@ -141,7 +146,8 @@ def nhwc_conv(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
   scan over train steps, a ResNet-20 step was ~10x slower. Outside loops XLA
   rewrites them into these same NHWC convolutions, so this costs nothing there.
   """
-  assert (set(lhs_dilation) == set(rhs_dilation) == {1} and feature_group_count == 1
+  assert (set(lhs_dilation) == set(rhs_dilation) == {1}
           and precision is None and dimension_numbers == jax.lax.conv_dimension_numbers(
               lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))), 'not a plain NHWC conv'
-  return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+  return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
+               feature_group_count)

@@ -1,28 +1,20 @@
-"""CIFAR ResNets that return their logits and the activations distillation reads.
+"""CIFAR ResNets of basic blocks (depth 6n+2), three variants of one definition:
+- `resnet_32_<depth>`: the seed reference's model as its code builds it: a 7x7 stem with
+  padding 1 (32x32 images give 28/14/7 maps) and 1x1-conv projection shortcuts.
+- `resnet<depth>` (8, 14, 20, ..., 110) and `resnet<depth>x4` (resnet8x4, resnet32x4):
+  mdistiller's and RepDistiller's `resnet.py`: a 3x3 stem (32/16/8 maps), 1x1-conv + BN
+  projection shortcuts where the shape changes; widths 16-16-32-64 (stem, stages), x4:
+  32-64-128-256. resnet20 has 278,324 parameters.
+- `resnet<depth>_a`: He et al. (2016)'s CIFAR ResNet: 3x3 stem, parameter-free shortcuts
+  (stride-2 subsampling, zero channel padding, "option A"); ResNet-20 has 0.27M.
 
-Two families, both with 16/32/64-channel stages of basic blocks and depth 6n+2:
-- `resnet_32_<depth>`: the reference repository's model as its code builds it: a 7x7
-  stem with padding 1 (32x32 images give 28/14/7 maps) and 1x1-conv projection
-  shortcuts.
-- `resnet<depth>`: He et al. (2016)'s CIFAR ResNet: a 3x3 stem (32/16/8 maps) and
-  parameter-free shortcuts (stride-2 subsampling, zero channel padding, "option A"),
-  so ResNet-20 has the 0.27M parameters quoted in the literature.
-
-Every model maps images [N, 32, 32, 3] to `(logits, features)` where features holds
-'stem', 'stage1', 'stage2', 'stage3' (post-ReLU, NHWC) and 'pooled' ([N, 64]).
-
-Variables are named `conv1`, `bn1` (stem), `layer{s}_{j}` (block j of stage s = 1..3,
-n blocks each) and `fc`. By default (`scan_blocks=True`) blocks 1..n-1 of a stage,
-which all have the same shapes, run as one `nn.scan` named `layer{s}_blocks` whose
-variables carry a leading axis of size n-1 (block j at index j-1), so compile time does
-not grow with depth; block 0, which may change stride and width, stays `layer{s}_0`.
-A scan of at most `unroll_blocks` (4) blocks is unrolled in the compiled program, with
-the same variables: no loop copies its activations through stacked buffers, which made
-a ResNet-20 step 3-4% faster on a 2-core CPU; a ResNet-110's stages stay loops.
-`scan_blocks=False` unrolls every block as `layer{s}_{j}`; `stack_blocks` and
-`unstack_blocks` convert variables between the two layouts. Convolutions have a
-hand-written gradient (`nhwc_conv`) that XLA:CPU runs in a loop (scanned blocks, scanned
-train steps) as fast as unrolled code.
+Features: 'stem', 'stage<i>' (after the stage's last ReLU), 'preact_stage<i>' (before
+it, mdistiller's preact_feats), 'pooled'. Variables are named `conv1`, `bn1` (stem),
+`layer{s}_{j}` (block j of stage s, PyTorch's `layer{s}.{j}`) and `fc`. By default
+(`scan_blocks=True`) blocks 1..n-1 of a stage run as one `nn.scan` named
+`layer{s}_blocks` (kd_jax.models.scan), so compile time does not grow with depth; a scan
+of at most `unroll_blocks` (4) blocks is unrolled in the compiled program, with the same
+variables (3-4% faster on a 2-core CPU for ResNet-20).
 """
 import functools
 import re
@@ -34,10 +26,9 @@ import jax.numpy as jnp
 from kd_jax.models.layers import BatchNorm, conv_init, nhwc_conv, torch_linear_bias_init
 from kd_jax.models.scan import SCANNED_COLLECTIONS
 
-STAGE_WIDTHS = (16, 32, 64)
 
 class BasicBlock(nn.Module):
-  """relu(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))."""
+  """(relu(preact), preact), preact = shortcut(x) + bn2(conv2(relu(bn1(conv1(x)))))."""
   features: int
   strides: int
   conv: Callable[..., nn.Module]
@@ -60,7 +51,8 @@ class BasicBlock(nn.Module):
         shortcut = x[:, ::self.strides, ::self.strides, :]
         extra = self.features - x.shape[-1]
         shortcut = jnp.pad(shortcut, ((0, 0),) * 3 + ((extra // 2, extra - extra // 2),))
-    return nn.relu(shortcut + y)
+    preact = shortcut + y
+    return nn.relu(preact), preact
 
 
 class CifarResNet(nn.Module):
@@ -72,6 +64,8 @@ class CifarResNet(nn.Module):
   """
   stage_sizes: Sequence[int]
   num_classes: int
+  stem_width: int
+  stage_widths: Sequence[int]
   stem_kernel: int
   stem_padding: int
   projection_shortcut: bool
@@ -93,23 +87,25 @@ class CifarResNet(nn.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     k, p = self.stem_kernel, self.stem_padding
-    x = conv(STAGE_WIDTHS[0], (k, k), 1, padding=p, name='conv1')(x)
+    x = conv(self.stem_width, (k, k), 1, padding=p, name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
     features = {'stem': x}
-    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
       block = functools.partial(BasicBlock, width, conv=conv, norm=norm,
                                 projection_shortcut=self.projection_shortcut)
-      x = block(2 if i > 0 else 1, name=f'layer{i + 1}_0')(x)
+      x, preact = block(2 if i > 0 else 1, name=f'layer{i + 1}_0')(x)
       if self.scan_blocks and num_blocks > 1:
-        blocks = nn.scan(lambda module, x, _: (module(x), None),
+        # The carry holds the last block's pre-activation too.
+        blocks = nn.scan(lambda module, carry, _: (module(carry[0]), None),
                          variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
                          split_rngs={'params': True}, length=num_blocks - 1,
                          unroll=num_blocks - 1 if num_blocks - 1 <= self.unroll_blocks else 1)
-        x, _ = blocks(block(1, name=f'layer{i + 1}_blocks'), x, None)
+        (x, preact), _ = blocks(block(1, name=f'layer{i + 1}_blocks'), (x, preact), None)
       else:
         for j in range(1, num_blocks):
-          x = block(1, name=f'layer{i + 1}_{j}')(x)
+          x, preact = block(1, name=f'layer{i + 1}_{j}')(x)
       features[f'stage{i + 1}'] = x
+      features[f'preact_stage{i + 1}'] = preact
     x = jnp.mean(x, axis=(1, 2))
     features['pooled'] = x
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.xavier_uniform(),
@@ -118,9 +114,10 @@ class CifarResNet(nn.Module):
     return logits, features
 
 
-_MODEL_NAME = re.compile(r'^(resnet_32_|resnet)(\d+)$')
-NAMES_HELP = ("'resnet_32_<depth>' (the reference's 7x7-stem model) or 'resnet<depth>' "
-                   "(He et al.'s 3x3-stem model), depth 6n+2: 8, 14, 20, 32, 44, 56, 110, ...")
+_MODEL_NAME = re.compile(r'^(resnet_32_|resnet)(\d+)(x4|_a)?$')
+NAMES_HELP = ("'resnet<depth>' (mdistiller's: 8, 14, 20, 32, 44, 56, 110), 'resnet<depth>x4' "
+              "(resnet8x4, resnet32x4), 'resnet<depth>_a' (He et al.'s option-A shortcuts) or "
+              "'resnet_32_<depth>' (the seed reference's 7x7-stem model), depth 6n+2")
 
 
 def build(name: str, num_classes: int, **kwargs) -> Optional[CifarResNet]:
@@ -129,16 +126,20 @@ def build(name: str, num_classes: int, **kwargs) -> Optional[CifarResNet]:
   kwargs go to CifarResNet (dtype, axis_name, bn_momentum, ...).
   """
   match = _MODEL_NAME.match(name)
-  if not match:
+  if not match or (match.group(1) == 'resnet_32_' and match.group(3)):
     return None
   depth = int(match.group(2))
   if depth < 8 or (depth - 2) % 6:
     raise ValueError(f'model {name!r}: depth {depth} is not 6n+2 with n >= 1 (8, 14, 20, 32, ...)')
   n = (depth - 2) // 6
+  variant = dict(stem_kernel=3, stem_padding=1, projection_shortcut=True, stem_width=16,
+                 stage_widths=(16, 32, 64))
   if match.group(1) == 'resnet_32_':
-    variant = dict(stem_kernel=7, stem_padding=1, projection_shortcut=True)
-  else:
-    variant = dict(stem_kernel=3, stem_padding=1, projection_shortcut=False)
+    variant.update(stem_kernel=7)
+  elif match.group(3) == 'x4':
+    variant.update(stem_width=32, stage_widths=(64, 128, 256))
+  elif match.group(3) == '_a':
+    variant.update(projection_shortcut=False)
   return CifarResNet(stage_sizes=(n, n, n), num_classes=num_classes, **variant, **kwargs)
 
 
