@@ -6,7 +6,8 @@
   python main.py --config='configs/cifar100_standard.py:method=kd,pair=wrn_40_2>>wrn_16_2,smoke' --workdir=runs/
 
 The argument after ':' is a comma-separated list of `method=<m>` (any method or 'a+b'),
-`pair=<teacher>>><student>` (quote it in a shell), `smoke` (2 epochs on 1,024 images).
+`pair=<teacher>>><student>` (quote it in a shell), `dataset=cifar10` (the same recipe on
+CIFAR-10, with its own mean and std), `smoke` (2 epochs on 1,024 images).
 The teacher is the baseline run of the teacher model under the same --workdir (trained
 first with this recipe) unless --config.teacher.checkpoint names a .pth the projects
 publish (e.g. cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth, {'model': ...}).
@@ -19,23 +20,19 @@ lr 0.05 (0.01 for MobileNetV2, ShuffleV1 and ShuffleV2 students), x0.1 after epo
 DKD's beta per pair is mdistiller's configs/cifar100/dkd/<pair>.yaml (8 where it sets none).
 """
 from configs import default
+from kd_jax import standard
 
-PAIRS = ('resnet56>>resnet20', 'resnet110>>resnet20', 'resnet110>>resnet32',
-         'resnet32x4>>resnet8x4', 'wrn_40_2>>wrn_16_2', 'wrn_40_2>>wrn_40_1', 'vgg13>>vgg8',
-         'resnet32x4>>ShuffleV1', 'resnet32x4>>ShuffleV2', 'wrn_40_2>>ShuffleV1',
-         'vgg13>>MobileNetV2', 'ResNet50>>MobileNetV2', 'ResNet50>>vgg8')
-SMALL_LR_STUDENTS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
-DKD_BETA = {'resnet56>>resnet20': 2.0, 'resnet110>>resnet32': 2.0, 'vgg13>>MobileNetV2': 6.0,
-            'vgg13>>vgg8': 6.0, 'wrn_40_2>>wrn_16_2': 6.0, 'wrn_40_2>>wrn_40_1': 6.0}
+PAIRS, SMALL_LR_STUDENTS, DKD_BETA = standard.PAIRS, standard.SMALL_LR_STUDENTS, standard.DKD_BETA
 
 
 def parse_arg(arg):
-  options = {'method': 'kd', 'pair': 'resnet32x4>>resnet8x4', 'smoke': False}
+  options = {'method': 'kd', 'pair': 'resnet32x4>>resnet8x4', 'dataset': 'cifar100',
+             'smoke': False}
   for token in filter(None, (arg or '').split(',')):
     key, _, value = token.partition('=')
     if key not in options or (key == 'smoke') == bool(value):
       raise ValueError(f"bad config argument {token!r}; expected 'method=<method>', "
-                       "'pair=<teacher>>><student>' and/or 'smoke'")
+                       "'pair=<teacher>>><student>', 'dataset=<name>' and/or 'smoke'")
     options[key] = value or True
   if options['pair'].count('>>') != 1:
     raise ValueError(f"bad pair {options['pair']!r}; expected '<teacher>>><student>', e.g. "
@@ -47,7 +44,7 @@ def get_config(arg=None):
   options = parse_arg(arg)
   teacher, student = options['pair'].split('>>')
   config = default.get_config('smoke' if options['smoke'] else None,
-                              method=options['method'], dataset='cifar100')
+                              method=options['method'], dataset=options['dataset'])
   config.model, config.teacher.model = student, teacher
   config.num_epochs = 240
   config.batch_size = 64
@@ -57,8 +54,9 @@ def get_config(arg=None):
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.crop_padding = 'zero'
-  config.image_mean = (0.5071, 0.4867, 0.4408)
-  config.image_std = (0.2675, 0.2565, 0.2761)
+  if options['dataset'] == 'cifar100':  # the projects' own figures
+    config.image_mean = (0.5071, 0.4867, 0.4408)
+    config.image_std = (0.2675, 0.2565, 0.2761)
   config.teacher.bn_mode = 'running'
   if 'dkd' in config.distill:
     config.distill.dkd.beta = DKD_BETA.get(options['pair'], 8.0)

@@ -2,6 +2,7 @@
 
   python -m kd_jax.benchmark                      # every method, ResNet-20 and -110 pairs
   python -m kd_jax.benchmark --methods=st --models=resnet_32_20 --json=bench.json
+  python -m kd_jax.benchmark --methods=kd --standard_pairs --batch=64,128 --step_only
 
 For each method and (student = teacher) model it measures, at batch `--batch`:
 - step: train-step images/s, median over `--steps` timed steps after warm-up, each
@@ -21,22 +22,24 @@ Data are random uint8 images (the speed does not depend on the pixels), so this 
 without TensorFlow or a dataset, e.g. on a GPU machine with only jax, flax and optax.
 Every row carries the device kind and count, the versions and the batch size.
 """
-import argparse
 import functools
 import json
 import os
 import platform
 import statistics
+import sys
 import time
+import types
 from typing import Dict, List
 
 import flax
 import jax
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax import device_data, methods, models, steps
+from kd_jax import device_data, methods, models, standard, steps
 from kd_jax.methods import distiller as distiller_lib
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
@@ -105,6 +108,8 @@ def bench_pair(method_name: str, pair: str, args) -> Dict:
     jax.block_until_ready(metrics)
 
   row['step_img_s'] = _median_rate(one_step, args.batch, args.steps)
+  if args.step_only:
+    return row
 
   # Evaluation: forward passes in eval mode.
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model))
@@ -205,8 +210,9 @@ def table(rows: List[Dict]) -> str:
   lines = ['| ' + ' | '.join(name for name, _ in columns) + ' | e2e / step |',
            '|' + '---|' * (len(columns) + 1)]
   for row in rows:
-    cells = [fmt.format(row[name]) for name, fmt in columns]
-    lines.append('| ' + ' | '.join(cells) + f" | {row['e2e_img_s'] / row['step_img_s']:.2f} |")
+    cells = [fmt.format(row[name]) if name in row else '-' for name, fmt in columns]
+    ratio = f"{row['e2e_img_s'] / row['step_img_s']:.2f}" if 'e2e_img_s' in row else '-'
+    lines.append('| ' + ' | '.join(cells) + f' | {ratio} |')
   env = rows[0]
   lines.append(f"\n{env['device_count']} x {env['device_kind']} ({env['backend']}), "
                f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, "
@@ -214,54 +220,73 @@ def table(rows: List[Dict]) -> str:
   return '\n'.join(lines)
 
 
+FLAGS = flags.FlagValues()  # its own, so that importing this module defines no global flag
+flags.DEFINE_list('methods', ['base', 'logit', 'st', 'at', 'at+st', 'fsp'],
+                  'methods (or a+b combinations)', flag_values=FLAGS)
+flags.DEFINE_list('models', ['resnet_32_20', 'resnet_32_110'],
+                  "a model (student = teacher) or 'teacher>>student' per entry", flag_values=FLAGS)
+flags.DEFINE_bool('standard_pairs', False, "the CIFAR-100 standard pairs instead of --models "
+                  '(configs/cifar100_standard.py)', flag_values=FLAGS)
+flags.DEFINE_list('batch', ['128'], 'batch sizes', flag_values=FLAGS)
+flags.DEFINE_integer('eval_batch', 500, 'evaluation batch size', flag_values=FLAGS)
+flags.DEFINE_integer('classes', 100, 'number of classes', flag_values=FLAGS)
+flags.DEFINE_integer('steps', 10, 'timed steps (median)', flag_values=FLAGS)
+flags.DEFINE_integer('steps_per_dispatch', 32, 'scanned steps per dispatch', flag_values=FLAGS)
+flags.DEFINE_integer('epoch_images', None, 'train images of the end-to-end slice (default: '
+                     '50,000 on an accelerator, 2,560 on CPU)', flag_values=FLAGS)
+flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'compute dtype', flag_values=FLAGS)
+flags.DEFINE_integer('students', 1, 'also time N students (seeds) trained together, vmapped: '
+                     'students_img_s counts the images of all of them', flag_values=FLAGS)
+flags.DEFINE_bool('step_only', False, 'measure the train step and its compilation only',
+                  flag_values=FLAGS)
+flags.DEFINE_string('json', None, 'also write the rows here', flag_values=FLAGS)
+
+
+def _error(message):
+  print(f'error: {message}', file=sys.stderr)
+  raise SystemExit(2)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--methods', default='base,logit,st,at,at+st,fsp')
-  parser.add_argument('--models', default='resnet_32_20,resnet_32_110',
-                      help="comma-separated: a model (student = teacher) or 'teacher>>student'")
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--eval_batch', type=int, default=500)
-  parser.add_argument('--classes', type=int, default=100)
-  parser.add_argument('--steps', type=int, default=10, help='timed steps (median)')
-  parser.add_argument('--steps_per_dispatch', type=int, default=32)
-  parser.add_argument('--epoch_images', type=int, default=None,
-                      help='train images of the end-to-end slice (default: 50,000 on an '
-                      'accelerator, 2,560 on CPU)')
-  parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
-  parser.add_argument('--students', type=int, default=1,
-                      help='also time N students (seeds) trained together, vmapped: '
-                      'students_img_s counts the images of all of them')
-  parser.add_argument('--json', default=None, help='also write the rows here')
-  args = parser.parse_args(argv)
-  if args.epoch_images is None:
-    args.epoch_images = 2560 if jax.default_backend() == 'cpu' else 50000
-  if args.epoch_images < args.batch:
-    parser.error(f'--epoch_images={args.epoch_images} is smaller than --batch={args.batch}')
+  try:
+    FLAGS(['kd_jax.benchmark', *(sys.argv[1:] if argv is None else argv)])
+  except flags.Error as e:
+    _error(str(e))
+  if FLAGS.standard_pairs:
+    pairs = list(standard.PAIRS)
+  else:
+    pairs = FLAGS.models
   try:  # refuse unknown names before any work
-    for name in args.methods.split(','):
+    batches = [int(b) for b in FLAGS.batch]
+    for name in FLAGS.methods:
       for part in distiller_lib.split_names(name):
         methods.get(part)
-    for pair in args.models.split(','):
+    for pair in pairs:
       for name in pair.split('>>'):
-        models.create_model(name, args.classes)
+        models.create_model(name, FLAGS.classes)
   except ValueError as e:
-    parser.error(str(e))
-
+    _error(str(e))
+  epoch_images = FLAGS.epoch_images or (2560 if jax.default_backend() == 'cpu' else 50000)
   rows = []
-  for model_name in args.models.split(','):
-    for method_name in args.methods.split(','):
-      rows.append(bench_pair(method_name, model_name, args))
-      print(json.dumps(rows[-1]), flush=True)
+  for batch in batches:
+    args = types.SimpleNamespace(**{name: FLAGS[name].value for name in FLAGS})
+    args.batch, args.epoch_images = batch, epoch_images
+    if args.epoch_images < batch:
+      _error(f'--epoch_images={epoch_images} is smaller than --batch={batch}')
+    for pair in pairs:
+      for method_name in FLAGS.methods:
+        rows.append(bench_pair(method_name, pair, args))
+        print(json.dumps(rows[-1]), flush=True)
   report = {'rows': rows}
   try:
-    report['tfds_input_img_s'] = tfds_input_rate(args)
+    report['tfds_input_img_s'] = None if FLAGS.step_only else tfds_input_rate(args)
   except ImportError:
     report['tfds_input_img_s'] = None  # no TensorFlow here (e.g. a GPU machine)
   print(table(rows))
   if report['tfds_input_img_s'] is not None:
     print(f"tf.data input path alone: {report['tfds_input_img_s']:.0f} images/s")
-  if args.json:
-    with open(args.json, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(report, f, indent=2)
 
 

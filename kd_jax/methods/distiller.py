@@ -99,7 +99,8 @@ class Distiller:
       for term, value in out.items():
         if term in terms:
           raise ValueError(f'two methods of this run return a term named {term!r}')
-        terms[term] = jnp.asarray(value, jnp.float32)
+        value = jnp.asarray(value)  # at least float32; float64 stays float64
+        terms[term] = value.astype(jnp.promote_types(value.dtype, jnp.float32))
     return terms, updates
 
 

@@ -1,0 +1,62 @@
+"""Two real training steps against mdistiller's own trainer (tests/data/steps, see its
+README): the train step as kd_jax runs it (teacher in running-statistics mode, student
+forward and backward, cross-entropy and the method's terms, SGD with momentum and
+weight decay), in float64, from the same weights and batches."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import models, steps, torch_import
+from tests import golden
+from tests.conftest import rel_err, step_kw
+
+STEPS_DIR = os.environ.get('KD_STEP_VECTORS_DIR',
+                           os.path.join(os.path.dirname(__file__), 'data', 'steps'))
+# mdistiller's config keys -> kd_jax fields, per method.
+FIELDS = {'dkd': {'ALPHA': 'alpha', 'BETA': 'beta', 'T': 'temperature', 'WARMUP': 'warmup',
+                  'CE_WEIGHT': 'ce_weight'}}
+STEPS_PER_EPOCH = 100  # any count that keeps both steps in the file's epoch
+
+
+@pytest.mark.parametrize('method', sorted(FIELDS))
+def test_two_train_steps_match_mdistiller(method):
+  with np.load(os.path.join(STEPS_DIR, f'step_{method}.npz')) as f:
+    z = {k: f[k] for k in f.files}
+  spec = json.loads(str(z['spec']))
+  fields = {FIELDS[method][k]: v for k, v in spec['method_config'].items()
+            if k in FIELDS[method]}
+  with jax.enable_x64(True):
+    as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    num_classes = spec['pair']['num_classes']
+    model = models.create_model(spec['pair']['student'], num_classes)
+    teacher_model = models.create_model(spec['pair']['teacher'], num_classes)
+    load = lambda role, m: as64(torch_import.torch_to_flax(
+        golden.state_dict_values(spec['seeds'][role], spec['entries'][role]), m))
+    teacher = steps.Teacher(teacher_model, load('teacher', teacher_model),
+                            batch_stats_mode=False)  # mdistiller's teacher is in eval mode
+    tx = steps.create_optimizer(lambda count: spec['lr'], spec['momentum'],
+                                spec['weight_decay'])
+    state = steps.create_train_state(model, load('student', model), tx)
+    # The file's 1-based epoch, as kd_jax derives it from the step.
+    state = state.replace(step=(spec['epoch'] - 1) * STEPS_PER_EPOCH)
+    step = jax.jit(functools.partial(
+        steps.train_step, **step_kw(method, model, teacher_model, STEPS_PER_EPOCH,
+                                    **{method: fields})))
+    for i in (1, 2):
+      batch = {'image': jnp.asarray(z[f'x{i}'], jnp.float64),
+               'label': jnp.asarray(z[f'y{i}'], jnp.int32)}
+      state, metrics = step(state, batch, teacher)
+      ce_weight = fields.get('ce_weight', 1.0)
+      assert rel_err(ce_weight * metrics['ce'], z[f'loss{i}/loss_ce']) < 1e-10
+      assert rel_err(metrics[f'kd_{method}'], z[f'loss{i}/loss_kd']) < 1e-10
+      got = torch_import.flax_to_torch(state.student_variables(), model)
+      want = {k[len(f'student{i}/'):]: v for k, v in z.items() if k.startswith(f'student{i}/')}
+      assert want
+      for key, value in want.items():
+        if not key.endswith('num_batches_tracked'):
+          assert rel_err(got[key], value) < 1e-6, (i, key, rel_err(got[key], value))
