@@ -151,3 +151,16 @@ def nhwc_conv(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
               lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))), 'not a plain NHWC conv'
   return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
                feature_group_count)
+
+
+def conv_and_norm(module: nn.Module, train: bool):
+  """The families' `nn.Conv` (no bias, padding 1, PyTorch's init, the fast NHWC
+  gradient) and `BatchNorm` factories, from the model's dtype, param_dtype, bn_momentum
+  and axis_name."""
+  conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
+                           dtype=module.dtype, param_dtype=module.param_dtype,
+                           conv_general_dilated=nhwc_conv)
+  norm = functools.partial(BatchNorm, use_running_average=not train,
+                           momentum=module.bn_momentum, axis_name=module.axis_name,
+                           dtype=module.dtype, param_dtype=module.param_dtype)
+  return conv, norm

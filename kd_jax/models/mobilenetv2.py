@@ -11,14 +11,13 @@ groups 1, 2, 4 and 6 (linear bottlenecks: no ReLU after them, so this family has
 `conv1.0`/`.1`), `blocks{b}_{j}` with `conv{k}`/`bn{k}` (`blocks.{b}.{j}.conv.{3k}` and
 `.{3k+1}`), `conv2_conv`/`conv2_bn`, `classifier` (`classifier.0`).
 """
-import functools
 import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, conv_init, nhwc_conv, torch_linear_bias_init
+from kd_jax.models.layers import conv_and_norm, torch_linear_bias_init
 
 # (expansion, channels, blocks, stride) of the seven groups; expansion 'T' is the model's.
 SETTING = ((1, 16, 1, 1), ('T', 24, 2, 1), ('T', 32, 3, 2), ('T', 64, 4, 2), ('T', 96, 3, 1),
@@ -54,12 +53,7 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype,
-                             conv_general_dilated=nhwc_conv)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             axis_name=self.axis_name, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv, norm = conv_and_norm(self, train)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = conv(int(32 * self.width), (3, 3), 2, name='conv1_conv')(x)

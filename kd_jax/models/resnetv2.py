@@ -10,14 +10,13 @@ the stage's output after / before its last ReLU), 'pooled'. Variables `conv1`, `
 and `shortcut_bn`, PyTorch `shortcut.0` and `.1`) and `linear`. Blocks are not scanned:
 on this CPU a scanned ResNet50 compiled slower (28-32 s) than an unrolled one (21-23 s).
 """
-import functools
 import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, conv_init, nhwc_conv, torch_linear_bias_init
+from kd_jax.models.layers import conv_and_norm, torch_linear_bias_init
 
 DEPTHS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
           50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3)),
@@ -66,12 +65,7 @@ class ResNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype,
-                             conv_general_dilated=nhwc_conv)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             axis_name=self.axis_name, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv, norm = conv_and_norm(self, train)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = nn.relu(norm(name='bn1')(conv(64, (3, 3), 1, name='conv1')(x)))

@@ -11,14 +11,13 @@ is shuffled), 'preact_stage<i>' (the last block's output before its ReLU; in V2 
 concatenation before the shuffle), 'pooled'. Variables: `conv1`, `bn1`, `layer{s}_{j}`
 (PyTorch `layer{s}.{j}`), V2's `conv2`/`bn2`, `linear`. Blocks are not scanned.
 """
-import functools
 import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, conv_init, nhwc_conv, torch_linear_bias_init
+from kd_jax.models.layers import conv_and_norm, torch_linear_bias_init
 
 V2_SIZES = {'0.2': ((40, 80, 160, 512), (3, 3, 3)), '0.3': ((40, 80, 160, 512), (3, 7, 3)),
             '0.5': ((48, 96, 192, 1024), (3, 7, 3)), '1': ((116, 232, 464, 1024), (3, 7, 3)),
@@ -29,16 +28,6 @@ def channel_shuffle(x, groups):
   """PyTorch's [N, g, C/g, H, W] -> [N, C/g, g, H, W] on NHWC."""
   n, h, w, c = x.shape
   return x.reshape(n, h, w, groups, c // groups).transpose(0, 1, 2, 4, 3).reshape(n, h, w, c)
-
-
-def _layers(module, train):
-  conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
-                           dtype=module.dtype, param_dtype=module.param_dtype,
-                           conv_general_dilated=nhwc_conv)
-  norm = functools.partial(BatchNorm, use_running_average=not train, momentum=module.bn_momentum,
-                           axis_name=module.axis_name, dtype=module.dtype,
-                           param_dtype=module.param_dtype)
-  return conv, norm
 
 
 class V1Bottleneck(nn.Module):
@@ -80,7 +69,7 @@ class ShuffleV1(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv, norm = _layers(self, train)
+    conv, norm = conv_and_norm(self, train)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = nn.relu(norm(name='bn1')(conv(24, (1, 1), 1, padding=0, name='conv1')(x)))
@@ -144,7 +133,7 @@ class ShuffleV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv, norm = _layers(self, train)
+    conv, norm = conv_and_norm(self, train)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = nn.relu(norm(name='bn1')(conv(24, (1, 1), 1, padding=0, name='conv1')(x)))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import BatchNorm, conv_init, nhwc_conv, torch_linear_bias_init
+from kd_jax.models.layers import conv_and_norm, torch_linear_bias_init
 from kd_jax.models.scan import SCANNED_COLLECTIONS
 
 
@@ -65,12 +65,7 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding=1, kernel_init=conv_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype,
-                             conv_general_dilated=nhwc_conv)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             axis_name=self.axis_name, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv, norm = conv_and_norm(self, train)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     n = (self.depth - 4) // 6
