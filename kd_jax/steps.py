@@ -97,7 +97,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
   teacher_out = teacher(images) if distiller.needs_teacher else None
   method_batch = {'label': labels,
                   'index': batch.get('index', jnp.zeros_like(labels)),
-                  'key': jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)}
+                  'key': jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+                  # Not arrays: the pmap axis to gather over (CRD's memory) and the frozen
+                  # teacher's variables (OFD's margins come from its BatchNorms).
+                  'axis_name': axis_name,
+                  'teacher_variables': teacher.variables if teacher is not None else None}
   # mdistiller counts epochs from 1.
   step = jnp.asarray(state.step, jnp.int32)
   progress = {'epoch': step // steps_per_epoch + 1, 'step': step}

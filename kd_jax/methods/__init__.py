@@ -14,7 +14,11 @@ train step as
   'preact_stage<i>', 'pooled'} (see kd_jax.models); `teacher` is None when
   `needs_teacher` is False.
 - `batch`: {'label': [B] int32, 'index': [B] int32 (the examples' positions in the
-  training split), 'key': a PRNG key for this step (the same on every device)}.
+  training split), 'key': a PRNG key for this step (the same on every device),
+  'axis_name': the pmap axis of the data-parallel devices or None (gather over it what
+  must be global, e.g. CRD's memory update), 'teacher_variables': the frozen teacher's
+  Flax variables or None}. At init and in tests only the arrays may be present: use
+  `batch.get(...)` for the last two.
 - `progress`: {'epoch': int32, 1-based as mdistiller counts, 'step': int32}.
 - returns {term name: float32 scalar}, already weighted; the step adds them to the
   weighted cross-entropy.
