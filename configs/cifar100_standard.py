@@ -49,6 +49,8 @@ def get_config(arg=None):
   config.num_epochs = 240
   config.batch_size = 64
   config.learning_rate = 0.01 if student in SMALL_LR_STUDENTS else 0.05
+  # The teacher's own recipe when it is trained here (not its student's lr).
+  config.teacher.learning_rate = 0.01 if teacher in SMALL_LR_STUDENTS else 0.05
   config.lr_boundaries = (150, 180, 210)
   config.lr_decay = 0.1
   config.momentum = 0.9

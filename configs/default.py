@@ -96,6 +96,8 @@ def get_config(arg=None, *, method='base', dataset='cifar10'):
   config.teacher.checkpoint = ''
   config.teacher.auto_train = True
   config.teacher.seed = 0
+  # The lr of the teacher's baseline run when it is trained here; None: the student's.
+  config.teacher.learning_rate = ml_collections.config_dict.placeholder(float)
   # 'batch': BatchNorm with batch statistics, as the reference runs its teacher;
   # 'running': the teacher's running statistics (eval mode), as RepDistiller and
   # mdistiller do; None: the first method's choice.

@@ -17,7 +17,10 @@ its config.json are refused with an error naming the runs. Writes to --out:
   row per run (accuracies, epochs, wall time, images/s, device, versions, config hash);
 - curves_<dataset>_<model>.png: test accuracy per epoch, one line per method (mean over
   seeds, from result.json's history): the reference's graph;
-- bars.png: the table as bars (mean, std as error bars), the reference's numbers as marks.
+- bars.png: the table as bars (mean, std as error bars), the reference's numbers as marks;
+- with teacher >> student pairs (the CIFAR-100 standard grid): standard.md/.csv (best and
+  last epoch, gains, the published numbers) and gains.png (kd_jax.report_standard);
+- the cost: runs, wall time and device-hours summed from the runs' result.json.
 
 Accuracies are in percent; std is the sample standard deviation (ddof=1) over seeds.
 """
@@ -32,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from kd_jax import rundir
+from kd_jax import report_standard, rundir
 
 METHOD_LABELS = {'base': 'baseline', 'logit': 'Logits', 'st': 'ST', 'at': 'AT',
                  'at+st': 'ST + AT', 'fsp': 'FSP'}
@@ -466,6 +469,10 @@ def write_report(workdir: str, out: Optional[str] = None, expected_seeds: int = 
   lines += ['', '## Plots', '']
   lines += [f'![{column_label(c)}]({curves_filename(c)})' for c in table.columns]
   lines += ['![bars](bars.png)']
+  standard = report_standard.write(table, runs, out)
+  if standard:
+    lines += ['', '## Teacher >> student pairs', ''] + standard
+  lines += ['', report_standard.cost_markdown(runs)[0]]
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   write_csv(table, os.path.join(out, 'table.csv'), expected_seeds)

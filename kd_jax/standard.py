@@ -12,3 +12,7 @@ SMALL_LR_STUDENTS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
 # DKD's beta where mdistiller's configs/cifar100/dkd/<pair>.yaml sets one (8 otherwise).
 DKD_BETA = {'resnet56>>resnet20': 2.0, 'resnet110>>resnet32': 2.0, 'vgg13>>MobileNetV2': 6.0,
             'vgg13>>vgg8': 6.0, 'wrn_40_2>>wrn_16_2': 6.0, 'wrn_40_2>>wrn_40_1': 6.0}
+# The methods of the table, in the order of RepDistiller's README and then mdistiller's;
+# 'base' is the vanilla student.
+METHODS = ('base', 'kd', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp',
+           'nst', 'crd', 'kdsvd', 'ofd', 'reviewkd', 'dkd', 'dist')

@@ -25,6 +25,8 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   teacher.method = 'base'
   teacher.model = config.teacher.model
   teacher.seed = config.teacher.seed
+  if config.teacher.get('learning_rate') is not None:
+    teacher.learning_rate = config.teacher.learning_rate
   teacher.num_seeds = 1
   teacher.name = ''
   teacher.teacher.checkpoint = ''

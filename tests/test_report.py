@@ -15,15 +15,18 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from kd_jax import report, rundir, sweep, train
+from kd_jax import report, report_standard, rundir, standard, sweep, train
 from tests.conftest import TFDS_DATA_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_run(workdir, method, dataset, depth, seed, best, num_test_images=10000, **overrides):
-  """A hand-made finished run: config.json as train writes it, a matching result.json."""
-  config = sweep.cell_config(sweep.GRIDS['reference'], sweep.Cell(method, dataset, depth, seed))
+def write_run(workdir, method, dataset, depth, seed, best, num_test_images=10000,
+              grid='reference', final=None, **overrides):
+  """A hand-made finished run: config.json as train writes it, a matching result.json.
+  `depth`: N for the reference grid's resnet_32_N pair, or a 'teacher>>student' pair."""
+  pair = sweep.resnet_32_pair(depth) if isinstance(depth, int) else depth
+  config = sweep.cell_config(sweep.GRIDS[grid], sweep.Cell(method, dataset, pair, seed))
   for key, value in overrides.items():
     config[key] = value
   run_dir = os.path.join(workdir, rundir.run_name(config))
@@ -33,7 +36,8 @@ def write_run(workdir, method, dataset, depth, seed, best, num_test_images=10000
   history = [{'epoch': e, 'test_accuracy': best * e / 3} for e in (1, 2, 3)]
   result = {'name': rundir.run_name(config), 'method': method, 'dataset': dataset,
             'model': config.model, 'teacher': None if method == 'base' else config.teacher.model,
-            'seed': seed, 'best_accuracy': best, 'best_epoch': 3, 'final_accuracy': best,
+            'seed': seed, 'best_accuracy': best, 'best_epoch': 3,
+            'final_accuracy': best if final is None else final,
             'num_test_images': num_test_images, 'epochs': 3, 'steps': 30,
             'wall_time_s': 1.0, 'train_images_per_s': 100.0, 'device_kind': 'cpu',
             'device_count': 1, 'jax_version': '0', 'flax_version': '0',
@@ -221,3 +225,43 @@ def test_report_imports_neither_jax_nor_tensorflow():
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                         timeout=120, check=True)
   assert proc.stdout.strip() == '[]', proc.stdout
+
+
+def test_standard_pairs_table_has_both_protocols_and_the_published_numbers(tmp_path):
+  workdir = str(tmp_path / 'runs')
+  pair = 'resnet32x4>>resnet8x4'
+  for seed, (best, final) in enumerate([(0.73, 0.72), (0.74, 0.73)]):
+    write_run(workdir, 'base', 'cifar100', pair, seed, best, grid='cifar100_standard',
+              final=final)
+  for seed, (best, final) in enumerate([(0.765, 0.76), (0.775, 0.77)]):
+    write_run(workdir, 'kd', 'cifar100', pair, seed, best, grid='cifar100_standard',
+              final=final)
+  out = report.write_report(workdir, expected_seeds=2)
+  with open(os.path.join(out, 'standard.csv')) as f:
+    rows = {r['method']: r for r in csv.DictReader(f)}
+  kd, base = rows['kd'], rows['base']
+  assert kd['pair'] == pair and kd['n'] == '2' and kd['seeds'] == '0 1'
+  assert abs(float(kd['best_mean']) - 77.0) < 1e-9 and abs(float(kd['last_mean']) - 76.5) < 1e-9
+  assert abs(float(kd['best_std']) - np.std([76.5, 77.5], ddof=1)) < 1e-4
+  assert abs(float(kd['best_gain']) - (77.0 - 73.5)) < 1e-9
+  assert abs(float(kd['last_gain']) - (76.5 - 72.5)) < 1e-9
+  # RepDistiller's KD number, last-epoch protocol: compared with our last epoch.
+  assert (float(kd['published']), kd['published_protocol']) == (73.33, 'last')
+  assert abs(float(kd['diff_to_published']) - (76.5 - 73.33)) < 1e-9
+  assert float(base['published']) == 72.5 and base['best_gain'] == ''
+  md = open(os.path.join(out, 'standard.md')).read()
+  assert '| resnet32x4>>resnet8x4 | kd | 2 | 77.00 ± 0.71 | +3.50 | 76.50 ± 0.71 | +4.00 | ' \
+         '73.33 (last, HobbitLong/RepDistiller) | +3.17 |' in md
+  assert 'Cost: 4 runs, 0.00 h of wall time' in md
+  assert os.path.getsize(os.path.join(out, 'gains.png')) > 1000
+  assert '[standard.md](standard.md)' in open(os.path.join(out, 'table.md')).read()
+
+
+def test_published_numbers_file_holds_the_issue_table():
+  published = report_standard.load_published()
+  assert published[('resnet32x4>>ShuffleV2', 'dkd')]['top1'] == 77.07
+  assert published[('ResNet50>>vgg8', 'crd')]['top1'] == 74.30
+  assert ('ResNet50>>vgg8', 'dkd') not in published
+  for pair in standard.PAIRS:
+    assert {'teacher', 'base', 'kd', 'crd'} <= {m for p, m in published if p == pair}
+  assert {r['protocol'] for r in published.values()} == {'last', 'best'}

@@ -12,7 +12,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from kd_jax import rundir, sweep, teachers, train
+from kd_jax import rundir, standard, sweep, teachers, train
 from tests.conftest import TFDS_DATA_DIR
 from tests.conftest import tree_listing
 
@@ -24,11 +24,11 @@ def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):
   runs = sweep.plan('reference', str(tmp_path))
   cells = [run.cell for run in runs]
   assert len(runs) == len(set(cells)) == len({run.run_dir for run in runs}) == 6 * 2 * 2 * 3
-  assert set(cells) == {sweep.Cell(m, d, n, s) for m in METHODS for d in ('cifar10', 'cifar100')
-                        for n in (20, 110) for s in (0, 1, 2)}
+  assert set(cells) == {sweep.Cell(m, d, sweep.resnet_32_pair(n), s) for m in METHODS
+                        for d in ('cifar10', 'cifar100') for n in (20, 110) for s in (0, 1, 2)}
   # The four teachers (base, seed 0, per dataset and depth) come first.
   assert [run.role for run in runs] == ['teacher'] * 4 + ['cell'] * 68
-  assert {run.cell for run in runs[:4]} == {sweep.Cell('base', d, n, 0)
+  assert {run.cell for run in runs[:4]} == {sweep.Cell('base', d, sweep.resnet_32_pair(n), 0)
                                            for d in ('cifar10', 'cifar100') for n in (20, 110)}
   names = [run.name for run in runs]
   assert 'base_cifar100_resnet_32_110_seed0' in names[:4]
@@ -36,7 +36,7 @@ def test_reference_grid_expands_to_its_cells_teachers_first(tmp_path):
   position = {name: i for i, name in enumerate(names)}
   for i, run in enumerate(runs):
     config = run.config
-    assert config.seed == run.cell.seed and config.model == f'resnet_32_{run.cell.depth}'
+    assert config.seed == run.cell.seed and config.model == run.cell.student
     assert (config.method, config.dataset, config.num_epochs) == (
         run.cell.method, run.cell.dataset, 200)
     assert run.run_dir == os.path.join(str(tmp_path), rundir.run_name(config))
@@ -188,7 +188,7 @@ def test_seeds_of_a_cell_are_grouped_when_consecutive(tmp_path):
   # 4 teachers (base, seed 0) alone, the base cells' seeds 1-2, every other cell's 0-2.
   assert sorted(len(g) for g in groups) == [1] * 4 + [2] * 4 + [3] * 20
   for group in groups:
-    assert len({(r.role, r.cell.method, r.cell.dataset, r.cell.depth) for r in group}) == 1
+    assert len({(r.role, r.cell.method, r.cell.dataset, r.cell.pair) for r in group}) == 1
   assert [[r.cell.seed for r in g] for g in sweep.seed_groups(
       sweep.plan('small', str(tmp_path), methods=['st'], seeds=[0, 2, 3]))] == [[0], [0], [2, 3]]
 
@@ -212,3 +212,84 @@ def test_small_grid_with_seeds_together(tmp_path, monkeypatch):
   for run in runs:
     with open(os.path.join(run.run_dir, 'result.json')) as f:
       assert json.load(f)['seed'] == run.cell.seed
+
+
+def test_standard_grid_plans_teachers_once_and_vanilla_students_once(tmp_path):
+  runs = sweep.plan('cifar100_standard', str(tmp_path), methods=['base', 'kd', 'dkd'])
+  teachers_ = [run for run in runs if run.role == 'teacher']
+  # One teacher per teacher model, trained with its own recipe (lr 0.05), seed 0.
+  assert sorted(run.config.model for run in teachers_) == sorted(
+      {p.split('>>')[0] for p in standard.PAIRS})
+  assert all(run.config.learning_rate == 0.05 and run.config.method == 'base'
+             for run in teachers_)
+  assert runs[:len(teachers_)] == teachers_
+  names = [run.name for run in runs]
+  assert len(names) == len(set(names))
+  students = {p.split('>>')[1] for p in standard.PAIRS}
+  # 13 pairs x 2 methods x 3 seeds + one vanilla run per student model and seed.
+  assert len(runs) == len(teachers_) + 13 * 2 * 3 + len(students) * 3
+  shuffle = [r for r in runs if r.name == 'kd_cifar100_ShuffleV1_from_wrn_40_2_seed1'][0]
+  assert (shuffle.config.learning_rate, shuffle.config.batch_size, shuffle.config.num_epochs) == (
+      0.01, 64, 240)
+  dkd = [r for r in runs if r.name == 'dkd_cifar100_resnet20_from_resnet56_seed0'][0]
+  assert dkd.config.distill.dkd.beta == standard.DKD_BETA['resnet56>>resnet20']
+
+
+def test_published_teachers_are_imported_not_trained(tmp_path):
+  published = tmp_path / 'cifar_teachers' / 'resnet32x4_vanilla'
+  published.mkdir(parents=True)
+  (published / 'ckpt_epoch_240.pth').write_bytes(b'')
+  runs = sweep.plan('cifar100_standard', str(tmp_path / 'runs'), methods=['kd'],
+                    pairs=['resnet32x4>>ShuffleV1', 'vgg13>>vgg8'], seeds=[0],
+                    teachers_dir=str(tmp_path / 'cifar_teachers'))
+  assert [(r.role, r.name) for r in runs] == [
+      ('teacher', 'base_cifar100_vgg13_seed0'),  # not published here: trained
+      ('cell', 'kd_cifar100_ShuffleV1_from_resnet32x4_seed0'),
+      ('cell', 'kd_cifar100_vgg8_from_vgg13_seed0')]
+  assert runs[1].config.teacher.checkpoint == str(published / 'ckpt_epoch_240.pth')
+  with pytest.raises(ValueError, match="--teachers_dir='/nowhere' is not a directory"):
+    sweep.plan('cifar100_standard', str(tmp_path), teachers_dir='/nowhere')
+
+
+def test_dry_run_estimates_hours_from_the_benchmark(tmp_path):
+  runs = sweep.plan('cifar100_standard', str(tmp_path), methods=['base', 'kd'],
+                    pairs=['resnet32x4>>resnet8x4'], seeds=[0, 1])
+  rows = [{'method': 'kd', 'teacher': 'resnet32x4', 'student': 'resnet8x4', 'batch': 64,
+           'step_img_s': 600.0, 'e2e_img_s': 500.0},
+          {'method': 'base', 'teacher': None, 'student': 'resnet32x4', 'batch': 64,
+           'step_img_s': 240.0}]
+  hours, notes = sweep.estimate_hours(runs, {'rows': rows})
+  # teacher: 240 epochs x 50,000 / (240 x 5/6); 2 kd runs at 500/s; 2 base runs timed as kd.
+  expected = 240 * 50000 * (1 / 200 + 2 / 500 + 2 / 500) / 3600
+  assert abs(hours - expected) < 1e-9
+  assert len(notes) == 2 and all('timed as another method' in n for n in notes)
+  with pytest.raises(ValueError, match='no row for resnet32x4>>resnet8x4 at batch 64'):
+    sweep.estimate_hours(runs, {'rows': rows[1:]})
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kd_jax.sweep', '--grid=cifar100_standard',
+       f'--workdir={tmp_path}', '--methods=kd', "--pairs=resnet32x4>>resnet8x4", '--seeds=0',
+       f'--benchmark={_write_json(tmp_path / "bench.json", {"rows": rows})}', '--dry_run'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '2 runs: 0 done, 0 partial, 2 todo' in proc.stdout
+  assert f'estimated time of the runs not done: {240 * 50000 * (1 / 200 + 1 / 500) / 3600:.1f} h' \
+      in proc.stdout
+  assert not [p for p in os.listdir(tmp_path) if p != 'bench.json']
+
+
+def _write_json(path, value):
+  path.write_text(json.dumps(value))
+  return str(path)
+
+
+def test_a_method_that_cannot_use_a_pair_is_skipped_before_anything_is_written(tmp_path):
+  runs = sweep.plan('small', str(tmp_path), methods=['fsp'], pairs=['resnet8x4>>resnet_32_8'],
+                    seeds=[0])
+  runs = [r for r in runs if r.role == 'cell']
+  log = []
+  data = (contextlib.nullcontext() if TFDS_DATA_DIR
+          else tfds.testing.mock_data(num_examples=256))
+  with data:
+    assert sweep.run(runs, str(tmp_path), log=log.append) == []
+  assert "skipped: method 'fsp' cannot" in log[-1] and 'resnet8x4' in log[-1]
+  assert not os.listdir(tmp_path)
