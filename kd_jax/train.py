@@ -356,10 +356,12 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
         run.meta['skipped_steps'] += int(metrics.get('skipped', 0))
       run.meta['epoch_metrics'].extend({k: float(v) for k, v in m.items()} for m in per_step)
 
-  def save_latest():
+  def save_latest(end_of_epoch=False):
     nonlocal last_saved
     for i, run in enumerate(runs):
       run.meta['wall_time_s'] = time.time() - run_start
+      if end_of_epoch:  # wall time at each epoch's end (the benchmarks' epoch times)
+        run.meta['history'][-1]['wall_time_s'] = run.meta['wall_time_s']
       run.ckpt.save_latest(step, _take(state, i), run.meta)
     last_saved = step
 
@@ -403,7 +405,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
       for i, (run, test) in enumerate(zip(runs, tests)):
         _end_epoch(run, epoch, step, lr, test, _take(state, i), info,
                    time.time() - segment_start, label=f'{run.name}: ' if num > 1 else '')
-      save_latest()
+      save_latest(end_of_epoch=True)
       if stop.signal and epoch + 1 < config.num_epochs:
         raise Interrupted(f'stopped by {stop.signal} after epoch {epoch + 1}; the checkpoint '
                           f'is saved in {_dirs(runs)}: rerun the same command to resume')
