@@ -141,12 +141,6 @@ def _device_info():
           'flax_version': flax.__version__}
 
 
-def evaluate(eval_feed, variables) -> List[Dict[str, float]]:
-  """Test loss and accuracy over the eval feed's whole split, one dict per student
-  (`variables` are stacked on a leading axis when the feed evaluates several)."""
-  return eval_feed.evaluate(variables)
-
-
 def seed_configs(config: ml_collections.ConfigDict) -> List[ml_collections.ConfigDict]:
   """The runs that `config` asks for: seeds seed .. seed + num_seeds - 1, each the
   config of the run that seed alone would be (num_seeds 1)."""
@@ -400,7 +394,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
                               f'saved in {_dirs(runs)}: rerun the same command to resume')
       collect(pending)
       add_train_time(time.time() - segment_start)
-      tests = evaluate(eval_feed, state.student_variables())
+      tests = eval_feed.evaluate(state.student_variables())
       lr = float(schedule(step - 1))
       for i, (run, test) in enumerate(zip(runs, tests)):
         _end_epoch(run, epoch, step, lr, test, _take(state, i), info,

@@ -55,6 +55,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TEST_IMAGES = 200 if TFDS_DATA_DIR else 256
 
 
+@contextlib.contextmanager
+def wrapped_evaluate(wrapper):
+  """Evaluation of both eval feeds goes through `wrapper(evaluate, variables)`: tests
+  that keep the evaluated variables or stop a run during an evaluation."""
+  from kd_jax import feeds  # pylint: disable=g-import-not-at-top
+  originals = {cls: cls.evaluate for cls in (feeds.DeviceEvalFeed, feeds.HostEvalFeed)}
+  try:
+    for cls, real in originals.items():
+      cls.evaluate = (lambda real: lambda self, variables: wrapper(
+          lambda v: real(self, v), variables))(real)
+    yield
+  finally:
+    for cls, real in originals.items():
+      cls.evaluate = real
+
+
 def tiny_config(method='base', dataset='cifar10', **overrides):
   """A smoke config on 256 train / 200 test images; overrides by dotted key."""
   from configs import default  # pylint: disable=g-import-not-at-top

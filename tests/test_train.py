@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from configs import default
 from kd_jax import checkpoints, steps, train
 from tests.conftest import (REPO, TFDS_DATA_DIR, TINY_TEST_IMAGES, data, tiny_config,
-                            tree_listing, write_tiny_cifar10)
+                            tree_listing, wrapped_evaluate, write_tiny_cifar10)
 
 def test_run_writes_summaries_checkpoints_result(tmp_path, monkeypatch):
   config = tiny_config()
@@ -72,24 +72,21 @@ def test_dispatch_length_does_not_change_the_run(tmp_path):
                                [h[key] for h in runs[0]['history']], rtol=1e-5, err_msg=key)
 
 
-def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
+def test_resume_continues_from_the_saved_epoch(tmp_path):
   config = tiny_config(num_epochs=3)
   with data():
     reference = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
 
     calls = {'n': 0}
-    real_evaluate = train.evaluate
 
-    def evaluate_then_die(*args):
+    def evaluate_then_die(evaluate, variables):
       calls['n'] += 1
       if calls['n'] == 2:  # after epoch 1's checkpoint, during epoch 2's evaluation
         raise KeyboardInterrupt
-      return real_evaluate(*args)
+      return evaluate(variables)
 
-    monkeypatch.setattr(train, 'evaluate', evaluate_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with wrapped_evaluate(evaluate_then_die), pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(tmp_path / 'interrupted'))
-    monkeypatch.setattr(train, 'evaluate', real_evaluate)
     run_dir = tmp_path / 'interrupted' / train.run_name(config)
     assert not (run_dir / 'result.json').exists()
     resumed = train.train_and_evaluate(config, str(tmp_path / 'interrupted'))

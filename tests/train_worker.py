@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from kd_jax import models, parallel, steps, train
-from tests.conftest import TFDS_DATA_DIR, step_kw, tiny_config
+from tests.conftest import TFDS_DATA_DIR, step_kw, tiny_config, wrapped_evaluate
 
 
 def compare_x64_steps(methods, num_steps=4):
@@ -74,19 +74,17 @@ if spec.get('num_processes', 1) > 1:
                                   spec['process_id'])
 
 last_variables = {}
-real_evaluate = train.evaluate
 
 
-def evaluate_and_keep(eval_feed, variables):
+def evaluate_and_keep(evaluate, variables):
   last_variables['v'] = variables
-  return real_evaluate(eval_feed, variables)
+  return evaluate(variables)
 
 
-train.evaluate = evaluate_and_keep
 data = (contextlib.nullcontext() if TFDS_DATA_DIR
         else tfds.testing.mock_data(num_examples=256))
 saved, results = {}, []
-with data:
+with data, wrapped_evaluate(evaluate_and_keep):
   for i, run in enumerate(spec['runs']):
     config = tiny_config(**run)
     results.append(train.train_and_evaluate(config, spec['workdir']))
