@@ -21,7 +21,8 @@ each epoch, batch 64, the teacher from the same random weights. Rounds alternate
 - kd_jax: `train.train_and_evaluate` with configs/cifar100_standard.py (input, jitted
   steps, evaluation, checkpoints), from a fresh run directory each round.
 An epoch's time is wall time from its start to the next's (evaluation and checkpoint
-included); epoch 1 is excluded on both sides (kd_jax compiles in it). Rates are training
+included; kd_jax's from its result's epoch_end_wall_time_s); epoch 1 is excluded on both
+sides (kd_jax compiles in it). Rates are training
 images per second of that time, median over epochs and rounds; the ratio is kd_jax's
 rate over mdistiller's.
 """
@@ -182,7 +183,7 @@ def kd_jax_epochs(method, pair, teacher_pth, data_dir, images, epochs, workdir):
   config.image_mean, config.image_std = MEAN, STD
   config.data_dir, config.teacher.checkpoint = data_dir, teacher_pth
   result = train.train_and_evaluate(config, workdir)
-  ends = [0.0] + [h['wall_time_s'] for h in result['history']]
+  ends = [0.0] + result['epoch_end_wall_time_s']
   return list(np.diff(ends))
 
 

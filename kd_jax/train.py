@@ -185,7 +185,7 @@ def _new_meta():
   # `epoch_step` steps of the next one, whose metrics are `epoch_metrics`.
   return {'epoch': 0, 'epoch_step': 0, 'epoch_metrics': [], 'best_accuracy': -1.0,
           'best_epoch': 0, 'train_time_s': 0.0, 'wall_time_s': 0.0, 'skipped_steps': 0,
-          'history': []}
+          'history': [], 'epoch_end_wall_time_s': []}
 
 
 def _common_step(runs) -> int:
@@ -293,7 +293,8 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
                                    config.batch_size // jax.device_count()))
   states = []
   for run in active:
-    run.ckpt = checkpoints.RunCheckpoints(run.dir, keep=1 if len(active) == 1 else 2)
+    # Two steps kept: a group stopped while saving goes back to the step all its runs hold.
+    run.ckpt = checkpoints.RunCheckpoints(run.dir, keep=2)
     if run.ckpt.discard_after(start):
       logging.info('%s goes back to step %d, where its group is', run.name, start)
     state = new_state(run.config.seed)
@@ -308,14 +309,13 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
 def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, schedule):
   """The epoch loop of `runs` (one, or several vmapped: `state` stacked), from their
   common step; sets each run's result."""
-  num = len(runs)
   steps_per_epoch = train_feed.steps_per_epoch
   meta0 = runs[0].meta  # epoch, epoch_step and wall_time_s are the same in every run
   step = int(_take(state, 0).step)
   if step:
     logging.info('Resuming from step %d (epoch %d, step %d of %d).', step, meta0['epoch'] + 1,
                  meta0['epoch_step'], steps_per_epoch)
-  elif num > 1:  # a step every run of the group holds, should it stop mid-save later
+  else:  # a step every run of a group holds, should it stop mid-save later
     for i, run in enumerate(runs):
       run.ckpt.save_latest(0, _take(state, i), run.meta)
   for run in runs:
@@ -354,8 +354,8 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
     nonlocal last_saved
     for i, run in enumerate(runs):
       run.meta['wall_time_s'] = time.time() - run_start
-      if end_of_epoch:  # wall time at each epoch's end (the benchmarks' epoch times)
-        run.meta['history'][-1]['wall_time_s'] = run.meta['wall_time_s']
+      if end_of_epoch:  # the benchmarks' epoch times (not in history: that is deterministic)
+        run.meta.setdefault('epoch_end_wall_time_s', []).append(run.meta['wall_time_s'])
       run.ckpt.save_latest(step, _take(state, i), run.meta)
     last_saved = step
 
@@ -398,7 +398,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
       lr = float(schedule(step - 1))
       for i, (run, test) in enumerate(zip(runs, tests)):
         _end_epoch(run, epoch, step, lr, test, _take(state, i), info,
-                   time.time() - segment_start, label=f'{run.name}: ' if num > 1 else '')
+                   time.time() - segment_start, label=f'{run.name}: ')
       save_latest(end_of_epoch=True)
       if stop.signal and epoch + 1 < config.num_epochs:
         raise Interrupted(f'stopped by {stop.signal} after epoch {epoch + 1}; the checkpoint '
@@ -410,7 +410,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
 
 
 def _dirs(runs) -> str:
-  return runs[0].dir if len(runs) == 1 else f'{runs[0].dir} and the other runs of its group'
+  return ', '.join(run.dir for run in runs)
 
 
 def _end_epoch(run, epoch, step, lr, test, state, info, seconds, label):
@@ -456,6 +456,7 @@ def _result(run, step) -> Dict[str, Any]:
       'train_images_per_s': step * config.batch_size / max(meta['train_time_s'], 1e-9),
       'config_hash': config_hash(config), **_device_info(),
       'history': meta['history'],
+      'epoch_end_wall_time_s': meta.get('epoch_end_wall_time_s', []),
   }
   if jax.process_index() == 0:
     rundir.write_json_atomic(run.result_path, result)

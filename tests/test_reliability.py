@@ -177,20 +177,20 @@ def test_failed_save_is_reported_and_the_previous_checkpoint_stays_valid(tmp_pat
   saves = {'n': 0}
   real_save = checkpoints.RunCheckpoints._save  # pylint: disable=protected-access
 
-  def full_disk_on_third_save(manager, step, **items):
+  def full_disk_on_fourth_save(manager, step, **items):  # steps 0, 1, 2, then 3 fails
     saves['n'] += 1
-    if saves['n'] == 3:
+    if saves['n'] == 4:
       raise checkpoints.CheckpointError(
           f'cannot save the checkpoint of step {step}: No space left on device; '
           'the previous checkpoint is intact') from OSError(28, 'No space left on device')
     return real_save(manager, step, **items)
 
-  monkeypatch.setattr(checkpoints.RunCheckpoints, '_save', staticmethod(full_disk_on_third_save))
+  monkeypatch.setattr(checkpoints.RunCheckpoints, '_save', staticmethod(full_disk_on_fourth_save))
   config = tiny_config(checkpoint_every_steps=1)
   with data(), pytest.raises(checkpoints.CheckpointError, match='No space left on device'):
     train.train_and_evaluate(config, str(tmp_path))
   run_dir = tmp_path / train.run_name(config)
-  assert _saved_steps(run_dir) == [2]
+  assert _saved_steps(run_dir) == [1, 2]  # the last two
   monkeypatch.undo()
   with data():  # the same command resumes from that checkpoint and finishes
     result = train.train_and_evaluate(config, str(tmp_path))

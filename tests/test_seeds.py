@@ -89,24 +89,24 @@ def test_group_stopped_between_its_runs_saves_resumes_exactly(tmp_path, monkeypa
 
 
 def test_group_with_a_run_that_cannot_go_back_is_refused(tmp_path, monkeypatch):
-  """Seed 0, stopped alone at step 4 (one checkpoint kept), cannot join a fresh seed 1
-  at step 0: refused in one line, nothing written."""
+  """Seed 0, stopped alone at step 8 (steps 4 and 8 kept, step 0 gone), cannot join a
+  fresh seed 1 at step 0: refused in one line, nothing written."""
   real_save = checkpoints.RunCheckpoints.save_latest
 
-  def die_at_step_8(self, step, state, meta):
-    if step == 8:
-      raise Killed('at step 8')
+  def die_at_step_12(self, step, state, meta):
+    if step == 12:
+      raise Killed('at step 12')
     real_save(self, step, state, meta)
 
   with data():
-    monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', die_at_step_8)
+    monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', die_at_step_12)
     with pytest.raises(Killed):
-      train.train_and_evaluate(tiny_config('base', num_epochs=2), str(tmp_path))
+      train.train_and_evaluate(tiny_config('base', num_epochs=3), str(tmp_path))
     monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', real_save)
     before = tree_listing(tmp_path)
-    with pytest.raises(ValueError, match=r'at different steps \(\S+seed0\S*: 4, \S+seed1\S*: 0\) '
+    with pytest.raises(ValueError, match=r'at different steps \(\S+seed0\S*: 8, \S+seed1\S*: 0\) '
                        r'and \S+seed0\S* has no checkpoint of step 0; train them separately'):
-      train.train_runs(tiny_config('base', num_epochs=2, num_seeds=2), str(tmp_path))
+      train.train_runs(tiny_config('base', num_epochs=3, num_seeds=2), str(tmp_path))
   assert tree_listing(tmp_path) == before
 
 
