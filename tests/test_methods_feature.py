@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kd_jax import methods, torch_import
-from kd_jax.methods import distiller, feature, vid
+from kd_jax.methods import distiller, feature, rkd, vid
 from tests import golden
 from tests.conftest import rel_err
 
@@ -67,12 +67,6 @@ def _get(tree, path):
   return tree
 
 
-def _paths(tree, prefix=()):
-  if not isinstance(tree, dict):
-    return {prefix}
-  return set().union(*(_paths(v, prefix + (k,)) for k, v in tree.items())) if tree else set()
-
-
 @pytest.mark.parametrize('name', FILES)
 def test_feature_method_matches_the_original(name):
   z, spec = _load(name)
@@ -93,26 +87,35 @@ def test_feature_method_matches_the_original(name):
   batch = {'label': labels, 'index': jnp.arange(len(labels)), 'key': jax.random.key(0)}
   progress = {'epoch': jnp.int32(1), 'step': jnp.int32(0)}
 
-  # The connectors' weights as the generator drew them, in the modules' layout.
-  variables = d.init(jax.random.key(0), student, teacher, batch, progress)
+  # The connectors' weights as the generator drew them, in the modules' layout; the
+  # modules' own variables only give the structure (an eager init would run the loss).
+  shapes = jax.eval_shape(d.init, jax.random.key(0), student, teacher, batch, progress)
   loaded = feature.torch_connector_variables(
       golden.state_dict_values(spec['weights_seed'], spec['weights_spec']))
-  for collection, tree in loaded.items():
-    want = _paths(variables[collection][method])
-    if method == 'vid':
-      want = {p for p in want if not p[0].startswith('log_scales_')}
-    assert _paths(tree) == want, (collection, _paths(tree), want)
-    for path in _paths(tree):
-      assert _get(tree, path).shape == _get(variables[collection][method], path).shape, path
-    variables[collection][method] = {**variables[collection][method], **tree}
-  if method == 'vid':  # the files store the (never trained) log_scale as mdistiller uses it
-    for i in range(len(spec['features']['student'])):
-      assert rel_err(variables['params'][method][f'log_scales_{i}'], z[f'vid/log_scale{i}']) < 1e-6
+  variables = {}
+  for collection, tree in shapes.items():
+    want = jax.tree.map(lambda a: a.shape, tree.get(method, {}))
+    got = jax.tree.map(np.shape, loaded.get(collection, {}))
+    if method == 'vid' and collection == 'params':
+      # Not in the state_dict (mdistiller: a plain list); mdistiller's values are stored.
+      for i in range(len(spec['features']['student'])):
+        got[f'log_scales_{i}'] = z[f'vid/log_scale{i}'].shape
+        loaded['params'][f'log_scales_{i}'] = z[f'vid/log_scale{i}']
+    assert got == want, (collection, got, want)
+    variables[collection] = {method: jax.tree.map(jnp.asarray, loaded.get(collection, {}))}
+  if method == 'vid':
+    mdistiller = distiller.build(method, {method: {**fields, 'train_log_scale': False}}, ctx)
 
   def term(student, params):
     terms, updates = d.apply({**variables, 'params': params}, student, teacher, batch, progress,
                              train=True)
     (value,) = terms.values()
+    if method == 'vid':  # mdistiller's form: the same loss from constant variances
+      params = {k: v for k, v in params[method].items() if not k.startswith('log_scales_')}
+      updates['mdistiller'] = mdistiller.apply({'params': {method: params}}, student, teacher,
+                                               batch, progress, train=True)[0]['vid']
+    if method == 'rkd':
+      updates['rkd_terms'] = rkd.rkd_terms(student['pooled'], teacher['pooled'])
     return value, updates
 
   with jax.default_matmul_precision('highest'):
@@ -151,22 +154,28 @@ def test_feature_method_matches_the_original(name):
       np.arange(len(labels)), z['labels']])
   assert rel_err(d.ce_weight * ce, z['loss/ce']) < RTOL
   if method == 'rkd':
-    from kd_jax.methods import rkd  # pylint: disable=g-import-not-at-top
-    terms = rkd.rkd_terms(student['pooled'], teacher['pooled'])
-    for got, key in zip(terms, ('loss/rkd_distance_unweighted', 'loss/rkd_angle_unweighted')):
+    keys = ('loss/rkd_distance_unweighted', 'loss/rkd_angle_unweighted')
+    for got, key in zip(updates['rkd_terms'], keys):
       assert abs(float(got) - z[key]) <= RTOL * abs(z[key]) + 1e-12, key
-  if method == 'vid':  # mdistiller's form: the same loss from constant variances
-    mdistiller = distiller.build(method, {method: {**fields, 'train_log_scale': False}}, ctx)
-    params = {k: v for k, v in variables['params'][method].items()
-              if not k.startswith('log_scales_')}
-    value_md = mdistiller.apply({'params': {method: params}}, student, teacher, batch, progress,
-                                train=True)[0]['vid']
-    assert rel_err(value_md, z['loss/kd']) < RTOL
+  if method == 'vid':
+    assert rel_err(updates['mdistiller'], z['loss/kd']) < RTOL
 
 
 def test_vid_variances_start_at_init_pred_var():
+  """The variances start at init_pred_var, trained (RepDistiller) or not (mdistiller)."""
+  shape = lambda c: jax.ShapeDtypeStruct((2, 4, 4, c), jnp.float32)
+  ctx = methods.Context(student={'stage1': shape(3)}, teacher={'stage1': shape(5)},
+                        num_classes=10, train_size=10, steps_per_epoch=1)
+  trained = distiller.build('vid', {'vid': {'train_log_scale': True}}, ctx)
+  variables = jax.jit(trained.init)(jax.random.key(0), *distiller.example_inputs(ctx, 2))
+  log_scale = variables['params']['vid']['log_scales_0']
+  np.testing.assert_allclose(jax.nn.softplus(log_scale) + 1e-5, np.full(5, 5.0), rtol=1e-6)
+  np.testing.assert_allclose(log_scale, vid.initial_log_scale(5.0, 1e-5), rtol=1e-7)
   np.testing.assert_allclose(jax.nn.softplus(vid.initial_log_scale(5.0, 1e-5)) + 1e-5, 5.0,
                              rtol=1e-12)
+  fixed = jax.eval_shape(distiller.build('vid', {}, ctx).init, jax.random.key(0),
+                         *distiller.example_inputs(ctx, 2))
+  assert set(fixed['params']['vid']) == {'regressors_0_0', 'regressors_0_2', 'regressors_0_4'}
 
 
 def test_pairs_the_connectors_cannot_map_are_refused():

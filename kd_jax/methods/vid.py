@@ -50,7 +50,8 @@ class VID(nn.Module):
       for j in (0, 2, 4):
         if j:
           x = nn.relu(x)
-        x = nn.Conv(t_c, (1, 1), padding=0, use_bias=False, kernel_init=feature.torch_default_init,
+        x = nn.Conv(t_c, (1, 1), padding=0, use_bias=False,
+                    kernel_init=feature.torch_default_init,
                     conv_general_dilated=layers.nhwc_conv, name=f'regressors_{i}_{j}')(x)
       start = initial_log_scale(cfg.init_pred_var, cfg.eps)
       if cfg.train_log_scale:
