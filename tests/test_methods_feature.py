@@ -28,6 +28,14 @@ FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(VECTORS_DIR, 
 LOSS_RTOL = {'pkt': 1e-3, 'sp': 1e-4}
 GRAD_RTOL = {'pkt': 1e-4, 'sp': 1e-4}
 RTOL = 1e-5
+# Where the file's own data is worse conditioned (torch's float32 rerun of the original
+# is further than a tenth of the bound from its float64 result), 10x torch's error.
+F32_MARGIN = 10
+
+
+def _tol(spec, key, bound):
+  torch_f32 = spec['torch_float32_vs_float64_relative_error'].get(key)
+  return max(bound, F32_MARGIN * torch_f32) if isinstance(torch_f32, float) else bound
 
 # The files' hyper_parameters (the originals' settings) -> the methods' fields.
 FIELDS = {
@@ -124,10 +132,13 @@ def test_feature_method_matches_the_original(name):
 
   loss_rtol = LOSS_RTOL.get(method, RTOL)
   grad_rtol = GRAD_RTOL.get(method, RTOL)
-  assert rel_err(value, z['loss/kd']) < loss_rtol, (float(value), float(z['loss/kd']))
+  assert rel_err(value, z['loss/kd']) < _tol(spec, 'loss/kd', loss_rtol), (
+      float(value), float(z['loss/kd']))
   for f in spec['features']['student']:
-    if f'grad/student/{f}' in z:
-      assert rel_err(grad_s[f], z[f'grad/student/{f}']) < grad_rtol, f
+    key = f'grad/student/{f}'
+    if key in z:
+      assert rel_err(grad_s[f], z[key]) < _tol(spec, key, grad_rtol), (
+          key, rel_err(grad_s[f], z[key]))
   zero = set(spec.get('zero_gradients', {}).get('keys', ()))
   stored = {k: v for k, v in z.items() if k.startswith(('grad/weights/', 'grad/weights_slice/'))}
   assert bool(stored) == bool(spec['weights_spec'])
@@ -143,7 +154,7 @@ def test_feature_method_matches_the_original(name):
     if key in zero:  # exactly 0 mathematically: float32 rounding against the others' size
       assert np.linalg.norm(got) < 1e-6 * scale, key
     else:
-      assert rel_err(got, want) < grad_rtol, (key, rel_err(got, want))
+      assert rel_err(got, want) < _tol(spec, key, grad_rtol), (key, rel_err(got, want))
   state = {k[len('state_after/'):]: v for k, v in z.items() if k.startswith('state_after/')}
   for key, want in state.items():
     where = feature.flax_path(key, want.ndim)
@@ -156,9 +167,9 @@ def test_feature_method_matches_the_original(name):
   if method == 'rkd':
     keys = ('loss/rkd_distance_unweighted', 'loss/rkd_angle_unweighted')
     for got, key in zip(updates['rkd_terms'], keys):
-      assert abs(float(got) - z[key]) <= RTOL * abs(z[key]) + 1e-12, key
+      assert abs(float(got) - z[key]) <= _tol(spec, key, RTOL) * abs(z[key]) + 1e-12, key
   if method == 'vid':
-    assert rel_err(updates['mdistiller'], z['loss/kd']) < RTOL
+    assert rel_err(updates['mdistiller'], z['loss/kd']) < _tol(spec, 'loss/kd', RTOL)
 
 
 def test_vid_variances_start_at_init_pred_var():
