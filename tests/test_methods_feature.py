@@ -114,7 +114,7 @@ def test_feature_method_matches_the_original(name):
   if method == 'vid':
     mdistiller = distiller.build(method, {method: {**fields, 'train_log_scale': False}}, ctx)
 
-  def term(student, params):
+  def term(student, params, teacher):  # teacher an argument: XLA would constant-fold it
     terms, updates = d.apply({**variables, 'params': params}, student, teacher, batch, progress,
                              train=True)
     (value,) = terms.values()
@@ -128,7 +128,7 @@ def test_feature_method_matches_the_original(name):
 
   with jax.default_matmul_precision('highest'):
     (value, updates), (grad_s, grad_w) = jax.jit(jax.value_and_grad(term, (0, 1), has_aux=True))(
-        student, variables['params'])
+        student, variables['params'], teacher)
 
   loss_rtol = LOSS_RTOL.get(method, RTOL)
   grad_rtol = GRAD_RTOL.get(method, RTOL)
