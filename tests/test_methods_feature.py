@@ -199,3 +199,24 @@ def test_pairs_the_connectors_cannot_map_are_refused():
     distiller.build('fitnet', {'fitnet': {'hint_layer': 3}}, ctx)
   with pytest.raises(ValueError, match='cannot pool 12x12 maps to 8x8'):
     feature.pool_larger(jnp.zeros((1, 12, 12, 1)), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_terms_are_at_least_float32_whatever_the_features(dtype):
+  """Traced only (no compilation): every method on bfloat16 or float32 outputs of a
+  cross-family-like pair (student maps larger in stage1, smaller in stage2-3)."""
+  shapes = {'student': {'stage1': (4, 16, 16, 12), 'stage2': (4, 8, 8, 24),
+                        'stage3': (4, 4, 4, 48), 'pooled': (4, 48)},
+            'teacher': {'stage1': (4, 8, 8, 8), 'stage2': (4, 16, 16, 16),
+                        'stage3': (4, 8, 8, 32), 'pooled': (4, 32)}}
+  struct = lambda role: {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes[role].items()}
+  ctx = methods.Context(student=struct('student'), teacher=struct('teacher'), num_classes=10,
+                        train_size=10, steps_per_epoch=1)
+  for method in METHODS:
+    d = distiller.build(method, {}, ctx)
+    _, _, batch, progress = distiller.example_inputs(ctx, 4)
+    variables = jax.eval_shape(d.init, jax.random.key(0), ctx.student, ctx.teacher, batch,
+                               progress)
+    terms, _ = jax.eval_shape(lambda v, s, t: d.apply(v, s, t, batch, progress, train=True),
+                              variables, ctx.student, ctx.teacher)
+    assert [t.dtype for t in terms.values()] == [jnp.float32], method
