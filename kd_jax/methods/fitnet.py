@@ -10,6 +10,9 @@ ConvReg's conv follows the two maps' heights: 2x larger student: 3x3 stride 2 pa
 (1 + s_H - t_H, 1 + s_W - t_W) (1x1 for equal sizes); all with bias, PyTorch's default
 initialisation. Its variables: params conv_reg/conv, conv_reg/bn and batch_stats
 conv_reg/bn, as the original's state_dict names them (see feature.flax_path).
+mdistiller sizes ConvReg by running both models once in train mode on a noise image,
+which moves the loaded teacher's BatchNorm statistics 10% toward that image's; kd_jax
+sizes it from shapes and leaves the teacher as loaded.
 """
 from typing import Optional, Tuple
 
