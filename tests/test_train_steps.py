@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kd_jax import models, steps, torch_import
+from kd_jax.methods import feature
 from tests import golden
 from tests.conftest import rel_err, step_kw
 
@@ -19,7 +20,9 @@ STEPS_DIR = os.environ.get('KD_STEP_VECTORS_DIR',
                            os.path.join(os.path.dirname(__file__), 'data', 'steps'))
 # mdistiller's config keys -> kd_jax fields, per method.
 FIELDS = {'dkd': {'ALPHA': 'alpha', 'BETA': 'beta', 'T': 'temperature', 'WARMUP': 'warmup',
-                  'CE_WEIGHT': 'ce_weight'}}
+                  'CE_WEIGHT': 'ce_weight'},
+          'fitnet': {'HINT_LAYER': 'hint_layer', 'FEAT_WEIGHT': 'weight',
+                     'CE_WEIGHT': 'ce_weight'}}
 STEPS_PER_EPOCH = 100  # any count that keeps both steps in the file's epoch
 
 
@@ -28,8 +31,9 @@ def test_two_train_steps_match_mdistiller(method):
   with np.load(os.path.join(STEPS_DIR, f'step_{method}.npz')) as f:
     z = {k: f[k] for k in f.files}
   spec = json.loads(str(z['spec']))
-  fields = {FIELDS[method][k]: v for k, v in spec['method_config'].items()
-            if k in FIELDS[method]}
+  config = dict(spec['method_config'])
+  config.update(config.pop('LOSS', {}))  # e.g. FITNET.LOSS.FEAT_WEIGHT
+  fields = {FIELDS[method][k]: v for k, v in config.items() if k in FIELDS[method]}
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     num_classes = spec['pair']['num_classes']
@@ -41,7 +45,11 @@ def test_two_train_steps_match_mdistiller(method):
                             batch_stats_mode=False)  # mdistiller's teacher is in eval mode
     tx = steps.create_optimizer(lambda count: spec['lr'], spec['momentum'],
                                 spec['weight_decay'])
-    state = steps.create_train_state(model, load('student', model), tx)
+    # The method's own modules (FitNet's conv_reg) from the file's seed, Flax layout.
+    connectors = feature.torch_connector_variables(golden.state_dict_values(
+        spec['seeds']['connectors'], spec['entries']['connectors']))
+    state = steps.create_train_state(model, load('student', model), tx, 0, {
+        c: {method: as64(tree)} for c, tree in connectors.items()})
     # The file's 1-based epoch, as kd_jax derives it from the step.
     state = state.replace(step=(spec['epoch'] - 1) * STEPS_PER_EPOCH)
     step = jax.jit(functools.partial(
@@ -60,3 +68,17 @@ def test_two_train_steps_match_mdistiller(method):
       for key, value in want.items():
         if not key.endswith('num_batches_tracked'):
           assert rel_err(got[key], value) < 1e-6, (i, key, rel_err(got[key], value))
+      # The connectors' parameters (SGD with the student's weight decay) and BatchNorm
+      # statistics.
+      want = {k[len(f'connector{i}/'):]: v for k, v in z.items()
+              if k.startswith(f'connector{i}/')}
+      assert bool(want) == bool(spec['entries']['connectors'])
+      for key, value in want.items():
+        where = feature.flax_path(key, value.ndim)
+        if where is not None:
+          collection, path = where
+          tree = (state.params if collection == 'params' else state.batch_stats)['method'][method]
+          for part in path:
+            tree = tree[part]
+          got_key = torch_import.to_torch_layout(np.asarray(tree))
+          assert rel_err(got_key, value) < 1e-6, (i, key, rel_err(got_key, value))

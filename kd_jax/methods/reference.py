@@ -1,15 +1,9 @@
-"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `at` and `fsp` forms."""
+"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `fsp` form. (Its `at`,
+the same formula as mdistiller's, is kd_jax/methods/at.py.)"""
 import jax.numpy as jnp
 
 from kd_jax import methods
 from kd_jax.methods.common import mse, wide
-
-
-def attention_map(features):
-  """Per-example L2-normalised spatial map of the channel mean of squares."""
-  a = jnp.mean(jnp.square(wide(features)), axis=-1).reshape(features.shape[0], -1)
-  # F.normalize's eps: an all-zero map stays zero instead of becoming NaN.
-  return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
 def fsp_matrix(f_in, f_out):
@@ -26,12 +20,6 @@ def stages(outputs):
   return sorted((k for k in outputs if k.startswith('stage')), key=lambda k: int(k[5:]))
 
 
-def _at_loss(cfg, student, teacher, batch, progress):
-  del batch, progress
-  total = sum(mse(attention_map(student[k]), attention_map(teacher[k])) for k in stages(student))
-  return {'at': cfg.beta * total}
-
-
 def _fsp_loss(cfg, student, teacher, batch, progress):
   del batch, progress
   names = ['stem', *stages(student)]
@@ -41,12 +29,6 @@ def _fsp_loss(cfg, student, teacher, batch, progress):
   # The reference averages the pair losses and divides by 3 once more.
   return {'fsp': cfg.weight * sum(terms) / len(terms) / 3}
 
-
-AT = methods.register(methods.Method(
-    name='at', doc='Attention transfer (Zagoruyko & Komodakis): beta * sum over stages of MSE.',
-    build=methods.pure(_at_loss), teacher_bn_mode='batch',
-    fields={'beta': methods.Field(1000.0, 'weight of the summed stage losses (the reference: '
-                                  '1000)', methods.non_negative, 'a number >= 0')}))
 
 FSP = methods.register(methods.Method(
     name='fsp', doc="Flow of solution procedure (Yim et al.) as the reference's code, one stage.",
