@@ -1,5 +1,6 @@
 """Logit methods against the originals' own code (tests/data/methods, see its README):
-`kd` and `dkd` (mdistiller), each with logit standardisation (logit-standardization-KD).
+`kd` and `dkd` (mdistiller), each with logit standardisation (logit-standardization-KD),
+and `dist` (DIST_KD), also with it.
 Each file holds the student's and teacher's logits, labels, the original's loss terms and
 the gradient of its distillation term with respect to the student's logits."""
 import glob
@@ -18,7 +19,7 @@ from tests.conftest import rel_err
 VECTORS_DIR = os.environ.get('KD_METHOD_VECTORS_DIR',
                              os.path.join(os.path.dirname(__file__), 'data', 'methods'))
 FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(VECTORS_DIR, '*.npz'))
-               if os.path.basename(p).split('__')[0].split('_')[0] in ('kd', 'dkd'))
+               if os.path.basename(p).split('__')[0].split('_')[0] in ('kd', 'dkd', 'dist'))
 # The originals compute in float32 too; these bounds are float32 rounding of a mean over
 # the batch of sums over 100 classes.
 RTOL = 1e-5
@@ -33,6 +34,10 @@ def _load(name):
 def _fields(method, hyper):
   """The method's fields as the file's spec records the original's settings."""
   stand = bool(hyper.get('logit_stand', False))
+  if method == 'dist':
+    return {'tau': hyper['tau'], 'beta': hyper['beta'], 'gamma': hyper['gamma'],
+            'weight': hyper['kd_loss_weight'], 'ce_weight': hyper['ori_loss_weight'],
+            'logit_stand': stand}
   if method == 'kd':
     fields = {'ce_weight': hyper['ce_weight'], 'logit_stand': stand}
     fields.update({'stand_temperature': hyper['temperature'], 'stand_weight': hyper['kd_weight']}

@@ -41,7 +41,7 @@ import jax
 
 # Modules (kd_jax/methods/<name>.py) whose import registers methods.
 MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd', 'at', 'fitnet', 'sp', 'nst', 'pkt',
-           'rkd', 'cc', 'vid')
+           'rkd', 'cc', 'vid', 'dist')
 
 METHODS = {}
 
