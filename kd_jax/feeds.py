@@ -32,6 +32,7 @@ class DeviceTrainFeed:
     images, labels = input_pipeline.load_arrays(config.dataset, config.train_split,
                                                 config.data_dir)
     self.num_examples = len(labels)
+    self.labels = labels  # the split's labels, by dataset index (CRD's negatives)
     self.steps_per_epoch = self.num_examples // config.batch_size
     _check_steps(self.steps_per_epoch, config.batch_size, self.num_examples, config.train_split)
     self._data = parallel.replicate({'image': images, 'label': labels})
@@ -51,6 +52,7 @@ class DeviceTrainFeed:
 
 class HostTrainFeed:
   """Train steps on tf.data batches, `steps_per_dispatch` per transfer."""
+  labels = None  # not read ahead: methods learn the labels from the batches
 
   def __init__(self, config, info, step_kw, seeds):
     if list(seeds) != [config.seed]:

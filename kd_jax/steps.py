@@ -95,7 +95,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
   """
   images, labels = batch['image'], batch['label']
   teacher_out = teacher(images) if distiller.needs_teacher else None
-  method_batch = {'label': labels,
+  method_batch = {**{k: v for k, v in batch.items() if k not in ('image', 'label', 'index')},
+                  'label': labels,
                   'index': batch.get('index', jnp.zeros_like(labels)),
                   'key': jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
                   # Not arrays: the pmap axis to gather over (CRD's memory) and the frozen

@@ -290,7 +290,7 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
   new_state = lambda seed: steps.create_train_state(
       model, models.init_variables(model, jax.random.key(seed), info.image_shape), tx, seed,
       distiller_lib.init_variables(distiller, ctx, jax.random.fold_in(jax.random.key(seed), 1),
-                                   config.batch_size // jax.device_count()))
+                                   config.batch_size // jax.device_count(), train_feed.labels))
   states = []
   for run in active:
     # Two steps kept: a group stopped while saving goes back to the step all its runs hold.

@@ -106,14 +106,14 @@ def tree_listing(root):
   return out
 
 
-def step_kw(method, model, teacher_model=None, steps_per_epoch=10, **fields):
+def step_kw(method, model, teacher_model=None, steps_per_epoch=10, train_size=100, **fields):
   """The train step's keyword arguments for `method` between kd_jax models, with
   fields[<method>] = {field: value} overriding the defaults."""
   from kd_jax.methods import distiller  # pylint: disable=g-import-not-at-top
   if method != 'base':
     teacher_model = teacher_model or model
   d, _ = distiller.for_models(method, fields, model, teacher_model, batch_size=2,
-                              num_classes=model.num_classes, train_size=100,
+                              num_classes=model.num_classes, train_size=train_size,
                               steps_per_epoch=steps_per_epoch)
   return dict(model=model, distiller=d, steps_per_epoch=steps_per_epoch)
 

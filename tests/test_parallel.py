@@ -44,8 +44,10 @@ def _assert_close(a, b, rtol):
 
 def test_four_devices_step_as_one_device_in_float64(tmp_path):
   """Gradients, parameters, student and teacher BatchNorm statistics, metrics and eval
-  sums: in float64 the only differences are summation order."""
-  spec = {'devices': 4, 'x64_steps': ['base', 'at+st'], 'out': str(tmp_path / 'x64')}
+  sums: in float64 the only differences are summation order. CRD's memory banks and Z
+  too: each device updates its banks with the whole batch, and draws the negatives of its
+  examples as one device draws them."""
+  spec = {'devices': 4, 'x64_steps': ['base', 'at+st', 'crd'], 'out': str(tmp_path / 'x64')}
   proc = _spawn(spec)
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, output[-3000:]

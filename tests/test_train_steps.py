@@ -22,7 +22,9 @@ STEPS_DIR = os.environ.get('KD_STEP_VECTORS_DIR',
 FIELDS = {'dkd': {'ALPHA': 'alpha', 'BETA': 'beta', 'T': 'temperature', 'WARMUP': 'warmup',
                   'CE_WEIGHT': 'ce_weight'},
           'fitnet': {'HINT_LAYER': 'hint_layer', 'FEAT_WEIGHT': 'weight',
-                     'CE_WEIGHT': 'ce_weight'}}
+                     'CE_WEIGHT': 'ce_weight'},
+          'crd': {'DIM': 'feat_dim', 'K': 'num_negatives', 'MOMENTUM': 'momentum',
+                  'TEMPERATURE': 'temperature', 'FEAT_WEIGHT': 'weight', 'CE_WEIGHT': 'ce_weight'}}
 STEPS_PER_EPOCH = 100  # any count that keeps both steps in the file's epoch
 
 
@@ -32,7 +34,8 @@ def test_two_train_steps_match_mdistiller(method):
     z = {k: f[k] for k in f.files}
   spec = json.loads(str(z['spec']))
   config = dict(spec['method_config'])
-  config.update(config.pop('LOSS', {}))  # e.g. FITNET.LOSS.FEAT_WEIGHT
+  for group in ('LOSS', 'NCE', 'FEAT'):  # e.g. FITNET.LOSS.FEAT_WEIGHT, CRD.NCE.K
+    config.update(config.pop(group, {}))
   fields = {FIELDS[method][k]: v for k, v in config.items() if k in FIELDS[method]}
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
@@ -48,16 +51,27 @@ def test_two_train_steps_match_mdistiller(method):
     # The method's own modules (FitNet's conv_reg) from the file's seed, Flax layout.
     connectors = feature.torch_connector_variables(golden.state_dict_values(
         spec['seeds']['connectors'], spec['entries']['connectors']))
-    state = steps.create_train_state(model, load('student', model), tx, 0, {
-        c: {method: as64(tree)} for c, tree in connectors.items()})
+    method_variables = {c: {method: as64(tree)} for c, tree in connectors.items()}
+    train_size = 100
+    if method == 'crd':  # the memory banks and Z as the file starts them
+      train_size = len(z['crd/memory_v1_before1'])
+      method_variables['method_state'] = {'crd': {
+          'memory_s': as64(z['crd/memory_v1_before1']),
+          'memory_t': as64(z['crd/memory_v2_before1']),
+          'z': as64(z['crd/params_before1'][2:4]),
+          'labels': jnp.full((train_size,), -1, jnp.int32)}}
+    state = steps.create_train_state(model, load('student', model), tx, 0, method_variables)
     # The file's 1-based epoch, as kd_jax derives it from the step.
     state = state.replace(step=(spec['epoch'] - 1) * STEPS_PER_EPOCH)
     step = jax.jit(functools.partial(
         steps.train_step, **step_kw(method, model, teacher_model, STEPS_PER_EPOCH,
-                                    **{method: fields})))
+                                    train_size=train_size, **{method: fields})))
     for i in (1, 2):
       batch = {'image': jnp.asarray(z[f'x{i}'], jnp.float64),
                'label': jnp.asarray(z[f'y{i}'], jnp.int32)}
+      if method == 'crd':  # the dataset indices and the original's negatives
+        batch.update(index=jnp.asarray(z[f'index{i}'], jnp.int32),
+                     contrast_idx=jnp.asarray(z[f'crd/contrast_idx{i}'], jnp.int32))
       state, metrics = step(state, batch, teacher)
       ce_weight = fields.get('ce_weight', 1.0)
       assert rel_err(ce_weight * metrics['ce'], z[f'loss{i}/loss_ce']) < 1e-10
@@ -82,3 +96,8 @@ def test_two_train_steps_match_mdistiller(method):
             tree = tree[part]
           got_key = torch_import.to_torch_layout(np.asarray(tree))
           assert rel_err(got_key, value) < 1e-6, (i, key, rel_err(got_key, value))
+      if method == 'crd':
+        crd_state = state.method_state['crd']
+        assert rel_err(crd_state['memory_s'], z[f'crd/memory_v1_after{i}']) < 1e-6
+        assert rel_err(crd_state['memory_t'], z[f'crd/memory_v2_after{i}']) < 1e-6
+        assert rel_err(crd_state['z'], z[f'crd/params_after{i}'][2:4]) < 1e-10

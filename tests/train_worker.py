@@ -24,7 +24,8 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from kd_jax import models, parallel, steps, train
-from tests.conftest import TFDS_DATA_DIR, step_kw, tiny_config, wrapped_evaluate
+from kd_jax.methods import distiller
+from tests.conftest import TFDS_DATA_DIR, tiny_config, wrapped_evaluate
 
 
 def compare_x64_steps(methods, num_steps=4):
@@ -32,25 +33,33 @@ def compare_x64_steps(methods, num_steps=4):
   jax.config.update('jax_enable_x64', True)
   import functools  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+  as64 = lambda tree: jax.tree.map(
+      lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      tree)
   single, sharded = (models.create_model('resnet_32_8', 10, axis_name=a) for a in (None, parallel.AXIS))
   tx = steps.create_optimizer(lambda count: 0.1, 0.9, 1e-4)
   student = as64(models.init_variables(single, jax.random.key(0)))
   teacher_vars = as64(models.init_variables(single, jax.random.key(1)))
   diffs = {}
   for method in methods:
-    kw = {k: v for k, v in step_kw(method, single).items() if k != 'model'}
+    fields = {'crd': {'crd': {'num_negatives': 64}}}.get(method, {})  # CRD: small K
+    d, ctx = distiller.for_models(method, fields, single, single, batch_size=16,
+                                  num_classes=10, train_size=64, steps_per_epoch=10)
+    kw = dict(distiller=d, steps_per_epoch=10)
     step1 = jax.jit(functools.partial(steps.train_step, model=single, **kw))
     stepn = parallel.data_parallel(functools.partial(steps.train_step, model=sharded, **kw), 1)
-    s1 = sn = steps.create_train_state(single, student, tx)
+    s1 = sn = steps.create_train_state(single, student, tx, 0, as64(
+        distiller.init_variables(d, ctx, jax.random.key(3), 16)))
     t1, tn = steps.Teacher(single, teacher_vars), steps.Teacher(sharded, teacher_vars)
     worst = 0.0
     for i in range(num_steps):
       batch = {'image': jax.random.normal(jax.random.key(10 + i), (16, 32, 32, 3), jnp.float64),
-               'label': jax.random.randint(jax.random.key(20 + i), (16,), 0, 10)}
+               'label': jax.random.randint(jax.random.key(20 + i), (16,), 0, 10),
+               'index': jnp.arange(16) + 16 * i}  # dataset positions (CRD's memory rows)
       (s1, m1), (sn, mn) = step1(s1, batch, t1), stepn(sn, batch, tn)
       rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),
-                         (s1.params, s1.batch_stats, m1), (sn.params, sn.batch_stats, mn))
+                         (s1.params, s1.batch_stats, s1.method_state, m1),
+                         (sn.params, sn.batch_stats, sn.method_state, mn))
       worst = max(worst, *jax.tree.leaves(rel))
     diffs[method] = worst
   batch = {'image': jax.random.normal(jax.random.key(3), (16, 32, 32, 3), jnp.float64),

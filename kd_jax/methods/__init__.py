@@ -18,7 +18,8 @@ train step as
   'axis_name': the pmap axis of the data-parallel devices or None (gather over it what
   must be global, e.g. CRD's memory update), 'teacher_variables': the frozen teacher's
   Flax variables or None}. At init and in tests only the arrays may be present: use
-  `batch.get(...)` for the last two.
+  `batch.get(...)` for the last two. At init only, 'train_labels' ([train_size] int32,
+  by dataset index) when the feed holds the split (the device feed does).
 - `progress`: {'epoch': int32, 1-based as mdistiller counts, 'step': int32}.
 - returns {term name: float32 scalar}, already weighted; the step adds them to the
   weighted cross-entropy.
@@ -41,7 +42,7 @@ import jax
 
 # Modules (kd_jax/methods/<name>.py) whose import registers methods.
 MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd', 'at', 'fitnet', 'sp', 'nst', 'pkt',
-           'rkd', 'cc', 'vid', 'dist')
+           'rkd', 'cc', 'vid', 'dist', 'crd')
 
 METHODS = {}
 

@@ -154,6 +154,11 @@ def for_models(method: str, overrides: Mapping[str, Mapping[str, Any]], model, t
   return distiller, ctx
 
 
-def init_variables(distiller: Distiller, ctx: methods.Context, rng, batch_size: int):
-  """The methods' initial variables {'params', 'batch_stats', 'method_state'}."""
-  return jax.jit(distiller.init)(rng, *example_inputs(ctx, batch_size))
+def init_variables(distiller: Distiller, ctx: methods.Context, rng, batch_size: int,
+                   train_labels=None):
+  """The methods' initial variables {'params', 'batch_stats', 'method_state'};
+  `train_labels` ([train_size] ints, by dataset index) when the feed has them."""
+  student, teacher, batch, progress = example_inputs(ctx, batch_size)
+  if train_labels is not None:
+    batch['train_labels'] = jnp.asarray(train_labels, jnp.int32)
+  return jax.jit(distiller.init)(rng, student, teacher, batch, progress)
