@@ -1,0 +1,135 @@
+"""ReviewKD (mdistiller), AB, FT and FSP (RepDistiller) against the originals' own code
+(tests/data/methods, see its README): losses, gradients with respect to the student's
+features and the connectors' parameters, and the connectors' BatchNorm statistics.
+
+The files are float64 computations of the originals from float32 inputs and weights;
+these tests run in float64 too, so the bounds are the files' float32 storage of the
+gradients. Gradients stored as slices (spec.weight_grad_slices) or for the first
+examples only are compared on what is stored."""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import methods
+from kd_jax.methods import distiller
+from tests import golden
+from tests.conftest import rel_err
+
+VECTORS_DIR = os.environ.get('KD_METHOD_VECTORS_DIR',
+                             os.path.join(os.path.dirname(__file__), 'data', 'methods'))
+
+
+def _files(method):
+  return sorted(os.path.basename(p) for p in
+                glob.glob(os.path.join(VECTORS_DIR, f'{method}__*.npz')))
+
+
+def _load(name):
+  with np.load(os.path.join(VECTORS_DIR, name)) as f:
+    z = {k: f[k] for k in f.files}
+  return z, json.loads(str(z['spec']))
+
+
+def _features(z, side):
+  prefix = f'{side}/'
+  return {k[len(prefix):]: jnp.asarray(v, jnp.float64) for k, v in z.items()
+          if k.startswith(prefix) and k != f'{side}/logits'}
+
+
+def _ctx(student, teacher):
+  shapes = lambda f: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in f.items()}
+  return methods.Context(student=shapes(student), teacher=shapes(teacher), num_classes=100,
+                         train_size=100, steps_per_epoch=1)
+
+
+def _batch(z):
+  labels = jnp.asarray(z['labels'], jnp.int32)
+  return {'label': labels, 'index': jnp.arange(len(labels)), 'key': jax.random.key(0)}
+
+
+def _compare_grads(got, z, prefix, tol=1e-6):
+  """got: {state_dict key: torch-layout gradient}; every stored gradient is compared."""
+  zero = set((json.loads(str(z['spec'])).get('zero_gradients') or {}).get('keys', []))
+  checked = 0
+  for key, value in z.items():
+    for kind in ('weights/', 'weights_slice/'):
+      if key.startswith(prefix + kind):
+        name = key[len(prefix + kind):]
+        mine = np.asarray(got[name])[:len(value)]
+        if key in zero:
+          assert np.max(np.abs(mine)) < 1e-10, name
+        else:
+          assert rel_err(mine, value) < tol, (name, rel_err(mine, value))
+        checked += 1
+  return checked
+
+
+def _compare_student_grads(grads, z, tol=1e-6):
+  stored = {k[len('grad/student/'):]: v for k, v in z.items() if k.startswith('grad/student/')}
+  assert stored
+  for name, value in stored.items():
+    assert rel_err(np.asarray(grads[name])[:len(value)], value) < tol, name
+
+
+def _compare_stats(got, z):
+  """got: {state_dict key: running statistic}."""
+  stored = {k[len('state_after/'):]: v for k, v in z.items()
+            if k.startswith('state_after/') and not k.endswith('num_batches_tracked')}
+  assert stored
+  for name, value in stored.items():
+    assert rel_err(got[name], value) < 1e-6, name
+
+
+# ------------------------------------------------------------------------------ reviewkd
+
+@pytest.mark.parametrize('name', _files('reviewkd'))
+def test_reviewkd_matches_mdistiller(name):
+  from kd_jax.methods import reviewkd  # pylint: disable=g-import-not-at-top
+  z, spec = _load(name)
+  hyper = spec['hyper_parameters']
+  with jax.enable_x64(True):
+    student, teacher = _features(z, 'student'), _features(z, 'teacher')
+    ctx = _ctx(student, teacher)
+    # The channels and sizes derived from the shapes are the original's config.
+    in_c, out_c, shapes, out_shapes, mid = reviewkd.layout(ctx, 512)
+    assert (in_c, out_c, shapes, out_shapes, mid) == (
+        hyper['in_channels'], hyper['out_channels'], hyper['shapes'], hyper['out_shapes'],
+        hyper['mid_channel'])
+    d = distiller.build('reviewkd', {'reviewkd': {
+        'weight': hyper['reviewkd_weight'], 'warmup_epochs': hyper['warmup_epochs']}}, ctx)
+    state_dict = golden.state_dict_values(spec['weights_seed'], spec['weights_spec'])
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                             reviewkd.from_torch(state_dict))
+    progress = {'epoch': jnp.int32(hyper['epoch']), 'step': jnp.int32(0)}
+    batch = _batch(z)
+
+    def loss(params, student):
+      terms, new = d.apply({'params': {'reviewkd': params},
+                            'batch_stats': {'reviewkd': variables['batch_stats']}},
+                           student, teacher, batch, progress, train=True)
+      return terms['reviewkd'], new
+
+    (value, new), (g_params, g_student) = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True))(variables['params'], student)
+  assert rel_err(value, z['loss/kd']) < 1e-12, (float(value), float(z['loss/kd']))
+  _compare_student_grads(g_student, z)
+  flat = lambda tree: {reviewkd.to_torch_key(tuple(p.key for p in path)): leaf for path, leaf in
+                       jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got = {k: (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v) for k, v in flat(g_params).items()}
+  assert _compare_grads(got, z, 'grad/') == len(got)
+  _compare_stats(flat(new['batch_stats']['reviewkd']), z)
+
+
+def test_reviewkd_nearest_is_torch_nearest():
+  """src = floor(dst * in / out): upsampling repeats, 1x1 broadcasts, non-integer ratios
+  pick as PyTorch does (checked against F.interpolate by hand: 3 -> 5 takes 0,0,1,1,2)."""
+  from kd_jax.methods import reviewkd  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+  got = reviewkd.nearest(x, 5)[0, :, 0, 0]
+  np.testing.assert_array_equal(got, [0, 0, 3, 3, 6])
+  np.testing.assert_array_equal(reviewkd.nearest(x[:, :1, :1], 4), jnp.zeros((1, 4, 4, 1)))
