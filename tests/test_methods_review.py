@@ -133,3 +133,63 @@ def test_reviewkd_nearest_is_torch_nearest():
   got = reviewkd.nearest(x, 5)[0, :, 0, 0]
   np.testing.assert_array_equal(got, [0, 0, 3, 3, 6])
   np.testing.assert_array_equal(reviewkd.nearest(x[:, :1, :1], 4), jnp.zeros((1, 4, 4, 1)))
+
+
+def _to_torch_grads(tree, key_of, transposed=lambda key: False):
+  """{state_dict key: torch-layout array} of a Flax gradient tree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = key_of(tuple(p.key for p in path))
+    leaf = np.asarray(leaf)
+    if leaf.ndim == 4:
+      leaf = leaf.transpose(2, 3, 0, 1) if transposed(key) else leaf.transpose(3, 2, 0, 1)
+    out[key] = leaf
+  return out
+
+
+# ------------------------------------------------------------------------------------ ab
+
+def _ab_key(path):
+  connector, module, what = path
+  what = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
+          'var': 'running_var'}.get(what, what)
+  return f'connector.connectors.{connector[9:]}.{module}.{what}'
+
+
+@pytest.mark.parametrize('name', _files('ab'))
+def test_ab_matches_repdistiller(name):
+  from kd_jax.methods import ab  # pylint: disable=g-import-not-at-top
+  z, spec = _load(name)
+  with jax.enable_x64(True):
+    student, teacher = _features(z, 'student'), _features(z, 'teacher')
+    d = distiller.build('ab', {'ab': {'margin': spec['hyper_parameters']['margin']}},
+                        _ctx(student, teacher))
+    module = dict(d.parts)['ab']
+    # ConvTranspose2d where the student's map is half the teacher's (ConvReg's rule).
+    transposed = tuple(i for i, k in enumerate(sorted(student)) if 2 * student[k].shape[1] ==
+                       teacher[k].shape[1])
+    state_dict = golden.state_dict_values(spec['weights_seed'], spec['weights_spec'])
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                             ab.from_torch(state_dict, transposed))
+    batch = _batch(z)
+
+    def loss(params, student):
+      terms, new = module.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                student, teacher, batch, None, train=True,
+                                method='init_terms', mutable=['batch_stats'])
+      return sum(terms.values()), (terms, new)
+
+    (value, (terms, new)), (g_params, g_student) = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True))(variables['params'], student)
+    main = module.apply({'params': variables['params'], 'batch_stats': variables['batch_stats']},
+                        student, teacher, batch, None, train=True, mutable=['batch_stats'])[0]
+  assert rel_err(value, z['loss/kd']) < 1e-12
+  assert rel_err(main['ab'], z['loss/kd']) < 1e-12  # weight 1: the joint form's term
+  for i in (1, 2, 3):
+    assert rel_err(terms[f'ab_stage{i}'], z[f'loss/kd_stage{i}']) < 1e-12
+  _compare_student_grads(g_student, z)
+  is_transposed = lambda key: int(key.split('.')[2]) in transposed
+  got = _to_torch_grads(g_params, _ab_key, is_transposed)
+  assert _compare_grads(got, z, 'grad/') == len(got)
+  if got:
+    _compare_stats(_to_torch_grads(new['batch_stats'], _ab_key), z)
