@@ -193,3 +193,50 @@ def test_ab_matches_repdistiller(name):
   assert _compare_grads(got, z, 'grad/') == len(got)
   if got:
     _compare_stats(_to_torch_grads(new['batch_stats'], _ab_key), z)
+
+
+# ------------------------------------------------------------------------------------ ft
+
+@pytest.mark.parametrize('name', _files('ft'))
+def test_ft_matches_repdistiller(name):
+  from kd_jax.methods import ft  # pylint: disable=g-import-not-at-top
+  z, spec = _load(name)
+  with jax.enable_x64(True):
+    student, teacher = _features(z, 'student'), _features(z, 'teacher')
+    d = distiller.build('ft', {'ft': {'weight': spec['hyper_parameters']['beta']}},
+                        _ctx(student, teacher))
+    module = dict(d.parts)['ft']
+    state_dict = golden.state_dict_values(spec['weights_seed'], spec['weights_spec'])
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), ft.from_torch(state_dict))
+    # The variables the module makes are exactly the original's.
+    made = jax.eval_shape(lambda: module.init(
+        {'params': jax.random.key(0)}, student, teacher, _batch(z), None, train=False))
+    assert jax.tree.map(lambda a: a.shape, dict(made)) == jax.tree.map(jnp.shape, variables)
+    batch = _batch(z)
+
+    def main(params, state, student):
+      terms, new = module.apply({'params': params, 'batch_stats': variables['batch_stats'],
+                                 'method_state': state}, student, teacher, batch, None,
+                                train=True, mutable=['batch_stats'])
+      return terms['ft'], new
+
+    def init(state):
+      terms = module.apply({'params': variables['params'], 'method_state': state,
+                            'batch_stats': variables['batch_stats']}, student, teacher,
+                           batch, None, train=True, method='init_terms')
+      return terms['ft_reconstruction']
+
+    (value, new), grads = jax.jit(jax.value_and_grad(main, argnums=(0, 1, 2), has_aux=True))(
+        variables['params'], variables['method_state'], student)
+    rec, g_init = jax.jit(jax.value_and_grad(init))(variables['method_state'])
+  assert rel_err(value, z['loss/kd']) < 1e-12
+  assert rel_err(rec, z['loss/init_reconstruction']) < 1e-12
+  _compare_student_grads(grads[2], z)
+  transposed = lambda key: '.decoder.' in key
+  got = {**_to_torch_grads(grads[0], ft.to_torch_key, transposed),
+         **{k: v for k, v in _to_torch_grads(grads[1], ft.to_torch_key, transposed).items()
+            if '.decoder.' not in k}}  # the decoder is off the main loss's path
+  assert _compare_grads(got, z, 'grad/') == len(got)
+  got_init = _to_torch_grads(g_init, ft.to_torch_key, transposed)
+  assert _compare_grads(got_init, z, 'grad_init/') == len(got_init) == 12
+  _compare_stats(_to_torch_grads(new['batch_stats'], ft.to_torch_key), z)

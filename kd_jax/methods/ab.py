@@ -33,6 +33,12 @@ class TorchConv(nn.Module):
   stride: int = 1
   padding: int = 0
   transpose: bool = False
+  collection: str = 'params'  # 'method_state' for weights the main stage must not train
+
+  def _var(self, name, init, shape):
+    if self.collection == 'params':
+      return self.param(name, init, shape)
+    return self.variable(self.collection, name, lambda: init(self.make_rng('params'), shape)).value
 
   @nn.compact
   def __call__(self, x):
@@ -43,8 +49,8 @@ class TorchConv(nn.Module):
     fan_in = (self.features if self.transpose else cin) * kh * kw
     init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
         key, shape, dtype, -1.0, 1.0) / jnp.sqrt(fan_in).astype(dtype)
-    w = self.param('kernel', init, (kh, kw, cin, self.features))
-    b = self.param('bias', layers.torch_linear_bias_init(fan_in), (self.features,))
+    w = self._var('kernel', init, (kh, kw, cin, self.features))
+    b = self._var('bias', layers.torch_linear_bias_init(fan_in), (self.features,))
     w, b = w.astype(x.dtype), b.astype(x.dtype)
     dn = ('NHWC', 'HWIO', 'NHWC')
     if self.transpose:
