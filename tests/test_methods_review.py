@@ -240,3 +240,36 @@ def test_ft_matches_repdistiller(name):
   got_init = _to_torch_grads(g_init, ft.to_torch_key, transposed)
   assert _compare_grads(got_init, z, 'grad_init/') == len(got_init) == 12
   _compare_stats(_to_torch_grads(new['batch_stats'], ft.to_torch_key), z)
+
+
+# ----------------------------------------------------------------------------------- fsp
+
+@pytest.mark.parametrize('name', _files('fsp'))
+def test_fsp_repdistiller_form_matches_repdistiller(name):
+  z, _ = _load(name)
+  with jax.enable_x64(True):
+    student, teacher = _features(z, 'student'), _features(z, 'teacher')
+    d = distiller.build('fsp', {'fsp': {'form': 'repdistiller'}}, _ctx(student, teacher))
+    module = dict(d.parts)['fsp']
+    batch = _batch(z)
+    init = lambda s: module.apply({}, s, teacher, batch, None, method='init_terms')
+    terms = init(student)
+    grads = jax.jit(jax.grad(lambda s: sum(init(s).values())))(student)
+    main = module.apply({}, student, teacher, batch, None)
+  for i in (1, 2, 3):
+    assert rel_err(terms[f'fsp_pair{i}'], z[f'loss/kd_pair{i}']) < 1e-12
+  assert rel_err(main['fsp'], z['loss/kd']) < 1e-12  # weight 1: the joint form's term
+  _compare_student_grads(grads, z)
+
+
+def test_fsp_form_is_checked_and_repdistiller_needs_equal_channels():
+  shapes = lambda c: {k: jax.ShapeDtypeStruct((2, 8, 8, c), jnp.float32)
+                      for k in ('stem', 'stage1', 'stage2', 'stage3')}
+  ctx = _ctx({}, {})
+  with pytest.raises(ValueError, match='form'):
+    distiller.build('fsp', {'fsp': {'form': 'mdistiller'}}, ctx)
+  d = distiller.build('fsp', {'fsp': {'form': 'repdistiller'}}, ctx)
+  s = {k: jnp.ones(v.shape) for k, v in shapes(4).items()}
+  t = {k: jnp.ones(v.shape) for k, v in shapes(8).items()}
+  with pytest.raises(ValueError, match='equal channels'):
+    dict(d.parts)['fsp'].apply({}, s, t, {}, None)

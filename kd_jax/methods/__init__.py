@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 
 # Modules (kd_jax/methods/<name>.py) whose import registers methods.
-MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd', 'reviewkd', 'ab', 'ft')
+MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd', 'reviewkd', 'ab', 'ft', 'fsp')
 
 METHODS = {}
 

@@ -1,4 +1,5 @@
-"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `at` and `fsp` forms."""
+"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `at` and `fsp` forms
+(`fsp` is registered by kd_jax.methods.fsp, which also has RepDistiller's form)."""
 import jax.numpy as jnp
 
 from kd_jax import methods
@@ -32,7 +33,8 @@ def _at_loss(cfg, student, teacher, batch, progress):
   return {'at': cfg.beta * total}
 
 
-def _fsp_loss(cfg, student, teacher, batch, progress):
+def fsp_loss(cfg, student, teacher, batch, progress):
+  """The seed's fsp term (registered by kd_jax.methods.fsp as its 'reference' form)."""
   del batch, progress
   names = ['stem', *stages(student)]
   pairs = list(zip(names[:-1], names[1:]))
@@ -47,9 +49,3 @@ AT = methods.register(methods.Method(
     build=methods.pure(_at_loss), teacher_bn_mode='batch',
     fields={'beta': methods.Field(1000.0, 'weight of the summed stage losses (the reference: '
                                   '1000)', methods.non_negative, 'a number >= 0')}))
-
-FSP = methods.register(methods.Method(
-    name='fsp', doc="Flow of solution procedure (Yim et al.) as the reference's code, one stage.",
-    build=methods.pure(_fsp_loss), teacher_bn_mode='batch',
-    fields={'weight': methods.Field(1.0, 'weight of the FSP term (the reference: 1)',
-                                    methods.non_negative, 'a number >= 0')}))
