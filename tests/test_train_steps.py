@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import models, steps, torch_import
-from kd_jax.methods import feature
+from kd_jax import methods, models, steps, torch_import
+from kd_jax.methods import feature, reviewkd
 from tests import golden
 from tests.conftest import rel_err, step_kw
 
@@ -24,7 +24,23 @@ FIELDS = {'dkd': {'ALPHA': 'alpha', 'BETA': 'beta', 'T': 'temperature', 'WARMUP'
           'fitnet': {'HINT_LAYER': 'hint_layer', 'FEAT_WEIGHT': 'weight',
                      'CE_WEIGHT': 'ce_weight'},
           'crd': {'DIM': 'feat_dim', 'K': 'num_negatives', 'MOMENTUM': 'momentum',
-                  'TEMPERATURE': 'temperature', 'FEAT_WEIGHT': 'weight', 'CE_WEIGHT': 'ce_weight'}}
+                  'TEMPERATURE': 'temperature', 'FEAT_WEIGHT': 'weight', 'CE_WEIGHT': 'ce_weight'},
+          'reviewkd': {'REVIEWKD_WEIGHT': 'weight', 'WARMUP_EPOCHS': 'warmup_epochs',
+                       'MAX_MID_CHANNEL': 'max_mid_channel', 'CE_WEIGHT': 'ce_weight'}}
+
+
+def _torch_tree(tree, key_of):
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    out[key_of(tuple(p.key for p in path))] = leaf.transpose(3, 2, 0, 1) if leaf.ndim == 4 else leaf
+  return out
+
+
+def _context(model, teacher_model):
+  return methods.Context(student=models.feature_shapes(model, 2),
+                         teacher=models.feature_shapes(teacher_model, 2), num_classes=100,
+                         train_size=100, steps_per_epoch=STEPS_PER_EPOCH)
 STEPS_PER_EPOCH = 100  # any count that keeps both steps in the file's epoch
 
 
@@ -48,9 +64,19 @@ def test_two_train_steps_match_mdistiller(method):
                             batch_stats_mode=False)  # mdistiller's teacher is in eval mode
     tx = steps.create_optimizer(lambda count: spec['lr'], spec['momentum'],
                                 spec['weight_decay'])
-    # The method's own modules (FitNet's conv_reg) from the file's seed, Flax layout.
-    connectors = feature.torch_connector_variables(golden.state_dict_values(
-        spec['seeds']['connectors'], spec['entries']['connectors']))
+    # The method's own modules (FitNet's conv_reg, ReviewKD's ABFs) from the file's seed.
+    values = golden.state_dict_values(spec['seeds']['connectors'], spec['entries']['connectors'])
+    if method == 'reviewkd':
+      connectors = reviewkd.from_torch(values)
+      connectors = {c: connectors[c] for c in ('params', 'batch_stats')}
+      # The ABFs sized from the pair's shapes are the file's config.
+      in_c, out_c, shapes, out_shapes, _ = reviewkd.layout(_context(model, teacher_model),
+                                                           fields['max_mid_channel'])
+      config = spec['method_config']
+      assert (in_c, out_c, shapes, out_shapes) == (
+          config['IN_CHANNELS'], config['OUT_CHANNELS'], config['SHAPES'], config['OUT_SHAPES'])
+    else:
+      connectors = feature.torch_connector_variables(values)
     method_variables = {c: {method: as64(tree)} for c, tree in connectors.items()}
     train_size = 100
     if method == 'crd':  # the memory banks and Z as the file starts them
@@ -87,6 +113,14 @@ def test_two_train_steps_match_mdistiller(method):
       want = {k[len(f'connector{i}/'):]: v for k, v in z.items()
               if k.startswith(f'connector{i}/')}
       assert bool(want) == bool(spec['entries']['connectors'])
+      if method == 'reviewkd':
+        got = {**_torch_tree(state.params['method'][method], reviewkd.to_torch_key),
+               **_torch_tree(state.batch_stats['method'][method], reviewkd.to_torch_key)}
+        want = {k: v for k, v in want.items() if not k.endswith('num_batches_tracked')}
+        assert set(got) == set(want)
+        for key, value in want.items():
+          assert rel_err(got[key], value) < 1e-6, (i, key, rel_err(got[key], value))
+        want = {}
       for key, value in want.items():
         where = feature.flax_path(key, value.ndim)
         if where is not None:

@@ -1,5 +1,6 @@
-"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `fsp` form. (Its `at`,
-the same formula as mdistiller's, is kd_jax/methods/at.py.)"""
+"""The seed reference's (hankyul2/KnowledgeDistillation @f019dfc) `fsp` form, registered by
+kd_jax.methods.fsp (with RepDistiller's form beside it). (Its `at`, the same formula as
+mdistiller's, is kd_jax/methods/at.py.)"""
 import jax.numpy as jnp
 
 from kd_jax import methods
@@ -20,7 +21,8 @@ def stages(outputs):
   return sorted((k for k in outputs if k.startswith('stage')), key=lambda k: int(k[5:]))
 
 
-def _fsp_loss(cfg, student, teacher, batch, progress):
+def fsp_loss(cfg, student, teacher, batch, progress):
+  """The seed's fsp term (kd_jax.methods.fsp's 'reference' form)."""
   del batch, progress
   names = ['stem', *stages(student)]
   pairs = list(zip(names[:-1], names[1:]))
@@ -28,10 +30,3 @@ def _fsp_loss(cfg, student, teacher, batch, progress):
            for a, b in pairs]
   # The reference averages the pair losses and divides by 3 once more.
   return {'fsp': cfg.weight * sum(terms) / len(terms) / 3}
-
-
-FSP = methods.register(methods.Method(
-    name='fsp', doc="Flow of solution procedure (Yim et al.) as the reference's code, one stage.",
-    build=methods.pure(_fsp_loss), teacher_bn_mode='batch',
-    fields={'weight': methods.Field(1.0, 'weight of the FSP term (the reference: 1)',
-                                    methods.non_negative, 'a number >= 0')}))
