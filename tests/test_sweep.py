@@ -78,7 +78,7 @@ def test_subsets_and_capped_epochs(tmp_path):
 
 @pytest.mark.parametrize('kwargs,message', [
     ({'grid_name': 'huge'}, "unknown grid 'huge'"),
-    ({'methods': ['crd']}, "unknown method 'crd'"),
+    ({'methods': ['kdx']}, "unknown method 'kdx'"),
     ({'datasets': ['mnist']}, "unknown dataset 'mnist'; expected one of: cifar10, cifar100"),
     ({'depths': [21]}, "model 'resnet_32_21': depth 21 is not 6n\\+2"),
     ({'max_epochs': 0}, 'max_epochs=0'),
@@ -284,7 +284,7 @@ def _write_json(path, value):
 
 def test_a_method_that_cannot_use_a_pair_is_skipped_before_anything_is_written(tmp_path):
   runs = sweep.plan('small', str(tmp_path), methods=['fsp'], pairs=['resnet8x4>>resnet_32_8'],
-                    seeds=[0])
+                    seeds=[0], data_dir=TFDS_DATA_DIR)
   runs = [r for r in runs if r.role == 'cell']
   log = []
   data = (contextlib.nullcontext() if TFDS_DATA_DIR
