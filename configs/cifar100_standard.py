@@ -59,9 +59,13 @@ def get_config(arg=None):
   if options['dataset'] == 'cifar100':  # the projects' own figures
     config.image_mean = (0.5071, 0.4867, 0.4408)
     config.image_std = (0.2675, 0.2565, 0.2761)
-  config.teacher.bn_mode = 'running'
+  # Both projects put the teacher in eval mode, except mdistiller's OFD, whose train()
+  # leaves it in train mode (batch statistics).
+  config.teacher.bn_mode = 'batch' if 'ofd' in config.distill else 'running'
   if 'dkd' in config.distill:
     config.distill.dkd.beta = DKD_BETA.get(options['pair'], 8.0)
+  if 'fsp' in config.distill:  # RepDistiller's FSP, not the seed reference's
+    config.distill.fsp.form = 'repdistiller'
   if options['smoke']:
     config.train_split, config.eval_split = 'train[:1024]', 'test[:512]'
     config.num_epochs, config.lr_boundaries = 2, (1,)

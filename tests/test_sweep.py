@@ -235,6 +235,16 @@ def test_standard_grid_plans_teachers_once_and_vanilla_students_once(tmp_path):
   assert dkd.config.distill.dkd.beta == standard.DKD_BETA['resnet56>>resnet20']
 
 
+def test_standard_grid_plans_every_method_with_its_originals_settings(tmp_path):
+  runs = sweep.plan('cifar100_standard', str(tmp_path), pairs=['resnet32x4>>resnet8x4'],
+                    seeds=[0])
+  cells = {r.config.method: r.config for r in runs if r.role == 'cell'}
+  assert sorted(cells) == sorted(standard.METHODS)
+  # Teacher in eval mode as both projects run it, but OFD's (train mode in mdistiller).
+  assert {m for m, c in cells.items() if c.teacher.bn_mode == 'batch'} == {'ofd'}
+  assert cells['fsp'].distill.fsp.form == 'repdistiller'
+
+
 def test_published_teachers_are_imported_not_trained(tmp_path):
   published = tmp_path / 'cifar_teachers' / 'resnet32x4_vanilla'
   published.mkdir(parents=True)
