@@ -15,4 +15,4 @@ DKD_BETA = {'resnet56>>resnet20': 2.0, 'resnet110>>resnet32': 2.0, 'vgg13>>Mobil
 # The methods of the table, in the order of RepDistiller's README and then mdistiller's;
 # 'base' is the vanilla student.
 METHODS = ('base', 'kd', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp',
-           'nst', 'crd', 'ofd', 'reviewkd', 'dkd', 'dist')
+           'nst', 'crd', 'kdsvd', 'ofd', 'reviewkd', 'dkd', 'dist')

@@ -42,7 +42,7 @@ import jax
 
 # Modules (kd_jax/methods/<name>.py) whose import registers methods.
 MODULES = ('base', 'logit', 'st', 'reference', 'kd', 'dkd', 'at', 'fitnet', 'sp', 'nst', 'pkt',
-           'rkd', 'cc', 'vid', 'dist', 'crd', 'reviewkd', 'ab', 'ft', 'fsp',
+           'rkd', 'cc', 'vid', 'dist', 'crd', 'reviewkd', 'ab', 'ft', 'fsp', 'kdsvd',
            'ofd')
 
 METHODS = {}

@@ -1,4 +1,4 @@
-"""ofd against the originals' own code (tests/data/methods, see its README): loss
+"""kdsvd and ofd against the originals' own code (tests/data/methods, see its README): loss
 terms and gradients on the files' features, with the files' connector weights. Seeds and
 batch sizes are read from the files."""
 import glob
@@ -56,6 +56,41 @@ def _weight_grads(z, grads_torch):
       want = z[f'grad/weights_slice/{key}']
       pairs.append((key, got[:want.shape[0]], want))
   return pairs
+
+
+@pytest.mark.parametrize('name', _files('kdsvd', 'kdsvd_rd'))
+def test_kdsvd_matches_the_original(name):
+  """mdistiller's form in float32 (its SVD is float32: ~1e-3, see the README's numerics),
+  RepDistiller's in float64. The teacher's SVD signs are set to the file's (torch's)."""
+  from kd_jax.methods import kdsvd  # pylint: disable=g-import-not-at-top
+  z, spec = _load(name)
+  form = 'repdistiller' if name.startswith('kdsvd_rd') else 'mdistiller'
+  k = spec['hyper_parameters']['k']
+  weight = spec['hyper_parameters'].get('feat_weight', spec['hyper_parameters'].get('beta'))
+  dtype, tol, grad_tol = ((jnp.float32, 1e-3, 1e-3) if form == 'mdistiller'
+                          else (jnp.float64, 1e-9, 1e-6))
+  with jax.enable_x64(dtype == jnp.float64):
+    feats = lambda side: [jnp.asarray(z[f'{side}/{n}'], dtype) for n in kdsvd.STAGES]
+    reference = [jnp.asarray(z[f'kdsvd/teacher_v{i}'], dtype) for i in (1, 2, 3)]
+    teacher = feats('teacher')
+
+    d = distiller.build('kdsvd', {'kdsvd': {'form': form, 'k': k, 'weight': weight}}, _ctx(z))
+    as_dict = lambda fs: dict(zip(kdsvd.STAGES, fs))
+
+    @jax.jit
+    def run(student):
+      loss = lambda s: weight * sum(kdsvd.kdsvd_terms(s, teacher, k, form, reference))
+      # The registered method computes the same sum, with the backend's teacher signs.
+      terms, _ = d.apply({}, as_dict(student), as_dict(teacher), _batch(z), PROGRESS,
+                         train=True)
+      unreferenced = weight * sum(kdsvd.kdsvd_terms(student, teacher, k, form))
+      return jax.value_and_grad(loss)(student), terms['kdsvd'], unreferenced
+
+    (value, grads), module_value, unreferenced = run(feats('student'))
+    assert rel_err(value, z['loss/kd']) < tol, (float(value), float(z['loss/kd']))
+    for n, g in zip(kdsvd.STAGES, grads):
+      assert rel_err(g, z[f'grad/student/{n}']) < grad_tol, n
+    assert rel_err(module_value, unreferenced) < 1e-6
 
 
 def _teacher_variables(spec, z):
@@ -150,3 +185,13 @@ def test_ofd_finds_the_teachers_batchnorms_before_relu(teacher):
   for i, bn in enumerate(ofd.teacher_bns(variables['params'], (1, 2, 3)), 1):
     np.testing.assert_array_equal(bn['scale'], z[f'teacher/bn_before_relu{i}/weight'])
     np.testing.assert_array_equal(bn['bias'], z[f'teacher/bn_before_relu{i}/bias'])
+
+
+def test_kdsvd_trains_a_real_step():
+  """The whole jitted train step (where differentiating jnp.linalg.svd hung XLA:CPU)."""
+  from tests.conftest import tiny_config, train_one_step  # pylint: disable=g-import-not-at-top
+  config = tiny_config('kdsvd')
+  config.model = 'resnet8'
+  state, metrics = train_one_step(config)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['kd_kdsvd']) > 0
+  assert int(state.step) == 1
