@@ -245,6 +245,18 @@ def test_standard_grid_plans_every_method_with_its_originals_settings(tmp_path):
   assert cells['fsp'].distill.fsp.form == 'repdistiller'
 
 
+def test_methods_grid_plans_one_teacher_then_every_method_on_the_small_split(tmp_path):
+  runs = sweep.plan('methods_cifar10', str(tmp_path), data_dir='/data')
+  assert [r.role for r in runs] == ['teacher'] + ['cell'] * 8
+  assert runs[0].config.model == 'resnet56' and runs[0].config.learning_rate == 0.05
+  assert [r.config.method for r in runs[1:]] == list(sweep.GRIDS['methods_cifar10'].methods)
+  for r in runs:
+    assert (r.config.train_split, r.config.num_epochs, r.config.data_dir) == (
+        'train[:4000]', 6, '/data')
+  dkd, = [r.config for r in runs if r.config.method == 'dkd']
+  assert (dkd.distill.dkd.beta, dkd.distill.dkd.warmup) == (2.0, 20)  # mdistiller's, this pair
+
+
 def test_published_teachers_are_imported_not_trained(tmp_path):
   published = tmp_path / 'cifar_teachers' / 'resnet32x4_vanilla'
   published.mkdir(parents=True)
