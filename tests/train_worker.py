@@ -7,7 +7,8 @@ XLA_FLAGS must be set before jax is imported, hence a separate process. Saves th
 final student variables of each run (as evaluated after the last epoch) to `out`.
 With "x64_steps": [methods], instead compares, in float64, a few data-parallel train
 steps and an eval step with the same steps jitted on one device, and saves the
-largest relative differences.
+largest relative differences; with "x64_init_steps": [methods], the same for the
+init stage's step.
 """
 import json
 import os
@@ -71,6 +72,50 @@ def compare_x64_steps(methods, num_steps=4):
   diffs['eval_count'] = float(en['count'])
   return diffs
 
+
+def compare_x64_init_steps(methods, num_steps=2):
+  """compare_x64_steps for the init stage's step (init_epochs > 0): student resnet8,
+  teacher resnet_32_8, so that AB has connectors (with BatchNorm)."""
+  jax.config.update('jax_enable_x64', True)
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  as64 = lambda tree: jax.tree.map(
+      lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      tree)
+  single, sharded = (models.create_model('resnet8', 10, axis_name=a) for a in (None, parallel.AXIS))
+  teacher_model = models.create_model('resnet_32_8', 10)
+  tx = steps.create_optimizer(0.05, 0.9, 5e-4)
+  student = as64(models.init_variables(single, jax.random.key(0)))
+  teacher = steps.Teacher(teacher_model, as64(models.init_variables(teacher_model, jax.random.key(1))),
+                          batch_stats_mode=False)
+  head = models.head_modules(single)
+  diffs = {}
+  for method in methods:
+    d, ctx = distiller.for_models(method, {method: {'init_epochs': 1}}, single, teacher_model,
+                                  batch_size=16, num_classes=10, train_size=64, steps_per_epoch=10)
+    kw = dict(distiller=d, head=head, tx=tx)
+    step1 = jax.jit(functools.partial(steps.init_stage_step, model=single, **kw))
+    stepn = parallel.data_parallel(functools.partial(steps.init_stage_step, model=sharded, **kw), 1)
+    state = steps.create_train_state(single, student, tx, 0, as64(
+        distiller.init_variables(d, ctx, jax.random.key(3), 16)))
+    c1 = cn = steps.create_init_stage_state(state, d.init_stage, head, tx)
+    worst = 0.0
+    for i in range(num_steps):
+      batch = {'image': jax.random.normal(jax.random.key(10 + i), (16, 32, 32, 3), jnp.float64),
+               'label': jax.random.randint(jax.random.key(20 + i), (16,), 0, 10)}
+      (c1, m1), (cn, mn) = step1(c1, batch, teacher), stepn(cn, batch, teacher)
+      rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),
+                         (c1, m1), (cn, mn))
+      worst = max(worst, *jax.tree.leaves(rel))
+    diffs[method] = worst
+  return diffs
+
+
+if 'x64_init_steps' in spec:
+  with open(spec['out'] + '.json', 'w') as f:
+    json.dump({'diffs': compare_x64_init_steps(spec['x64_init_steps']),
+               'device_count': jax.device_count()}, f)
+  sys.exit(0)
 
 if 'x64_steps' in spec:
   with open(spec['out'] + '.json', 'w') as f:
