@@ -2,6 +2,7 @@
 part by SGD on the sum of the init terms, on one device, two devices and students
 together; the loop runs it first, records it and resumes it exactly."""
 import json
+import logging
 import math
 
 import jax
@@ -150,17 +151,6 @@ def test_ft_init_step_trains_only_the_paraphraser():
   assert set(metrics) == {'loss', 'ft_reconstruction', 'grad_norm'}
 
 
-def test_two_devices_take_the_init_step_of_one_device_in_float64(tmp_path):
-  spec = {'devices': 2, 'x64_init_steps': ['ab', 'ft'], 'out': str(tmp_path / 'x64')}
-  proc = _spawn(spec)
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output[-3000:]
-  with open(spec['out'] + '.json') as f:
-    info = json.load(f)
-  assert info['device_count'] == 2
-  assert all(d < 1e-10 for d in info['diffs'].values()), info['diffs']
-
-
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
   """A run directory holding an untrained resnet_32_8 as its best checkpoint: a teacher
@@ -175,27 +165,53 @@ def teacher_dir(tmp_path_factory):
   return path
 
 
-def _best_params(run_dir):
-  variables, _ = checkpoints.restore_best(str(run_dir))
-  return _flat(variables['params'])
+def _overrides(teacher_dir):
+  """AB from resnet_32_8 to resnet8 (32x32 maps to 28x28 ones: connectors), 2 init epochs
+  of 4 steps, then 1 epoch; a small lr keeps float32 rounding small between programs."""
+  return {'method': 'ab', 'model': 'resnet8', 'num_epochs': 1, 'learning_rate': 0.02,
+          'distill.ab.init_epochs': 2, 'teacher.checkpoint': teacher_dir}
 
 
-def test_init_stage_runs_first_is_recorded_and_resumes_where_it_stopped(
-    tmp_path, teacher_dir, monkeypatch, caplog):
-  config = tiny_config('ab', num_epochs=1, **{'distill.ab.init_epochs': 2,
-                                              'teacher.checkpoint': teacher_dir})
-  caplog.set_level('INFO')
-  with data():
-    reference = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
-  record = reference['init_stage']
+class _Lines(logging.Handler):
+
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, teacher_dir):
+  """(result, run directory, log lines) of one uninterrupted run with an init stage."""
+  config = tiny_config(**_overrides(teacher_dir))
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  lines, absl_logger = _Lines(), logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.addHandler(lines)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    with data():
+      result = train.train_and_evaluate(config, str(workdir))
+  finally:
+    absl_logger.removeHandler(lines)
+    absl_logger.setLevel(level)
+  return result, workdir / train.run_name(config), lines.lines
+
+
+def test_init_stage_runs_first_and_is_recorded(reference):
+  result, run_dir, lines = reference
+  record = result['init_stage']
   assert (record['method'], record['trains'], record['epochs'], record['steps']) == (
       'ab', 'student_features+method_params', 2, 8)
-  assert record['learning_rate'] == config.learning_rate
+  assert record['learning_rate'] == 0.02  # the run's
   assert [h['epoch'] for h in record['history']] == [1, 2]
   assert all(math.isfinite(h['init_loss']) and h['init_loss'] > 0 for h in record['history'])
-  assert reference['steps'] == 4 and len(reference['history']) == 1  # the main stage's own
-  assert 'init epoch 2/2: init loss' in caplog.text
-  run_dir = tmp_path / 'uninterrupted' / train.run_name(config)
+  assert {'init_ab_stage1', 'init_grad_norm'} <= set(record['history'][0])
+  assert result['steps'] == 4 and len(result['history']) == 1  # the main stage's own
+  assert [line.split(': ')[1] for line in lines if ': init loss' in line] == [
+      'init epoch 1/2', 'init epoch 2/2']
   assert not (run_dir / checkpoints.INIT_STAGE).exists()  # gone once the main stage saved
 
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
@@ -204,9 +220,17 @@ def test_init_stage_runs_first_is_recorded_and_resumes_where_it_stopped(
   acc.Reload()
   assert {'init/loss', 'init/ab_stage1', 'init/epoch', 'train/loss'} <= set(acc.Tags()['tensors'])
 
-  # Stopped in the init stage (its second epoch's checkpoint not written), then in the
-  # main stage (its first epoch's not written): each resumes where it stopped, and the
-  # second never reruns the init stage.
+
+def _best_params(run_dir):
+  variables, _ = checkpoints.restore_best(str(run_dir))
+  return _flat(variables['params'])
+
+
+def test_stopped_runs_resume_where_they_stopped(tmp_path, teacher_dir, reference, monkeypatch):
+  """Stopped in the init stage (its second epoch's checkpoint not written), then in the
+  main stage (its first epoch's not written): each resumes where it stopped, the second
+  without the init stage, and the run is the uninterrupted one bit for bit."""
+  config = tiny_config(**_overrides(teacher_dir))
   kills = [(checkpoints.INIT_STAGE, 8), (checkpoints.LATEST, 4)]
   real_save = checkpoints.RunCheckpoints.save_latest
 
@@ -226,20 +250,36 @@ def test_init_stage_runs_first_is_recorded_and_resumes_where_it_stopped(
 
   monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', save_or_die)
   monkeypatch.setattr(train, '_init_stage', counted)
-  interrupted = tmp_path / 'interrupted'
   with data():
     for _ in range(2):
       with pytest.raises(Killed):
-        train.train_and_evaluate(config, str(interrupted))
-    resumed = train.train_and_evaluate(config, str(interrupted))
+        train.train_and_evaluate(config, str(tmp_path))
+    resumed = train.train_and_evaluate(config, str(tmp_path))
   assert init_stages == [0, 4]  # the second from the init stage's step 4 (its epoch 1)
   assert not kills
+  result, run_dir, _ = reference
   for key in ('method', 'trains', 'epochs', 'steps', 'history'):
-    assert resumed['init_stage'][key] == record[key], key
-  assert resumed['history'] == reference['history']
-  want, got = _best_params(run_dir), _best_params(interrupted / train.run_name(config))
+    assert resumed['init_stage'][key] == result['init_stage'][key], key
+  assert resumed['history'] == result['history']
+  want, got = _best_params(run_dir), _best_params(tmp_path / train.run_name(config))
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_two_devices_take_the_init_step_of_one_device_in_float64(tmp_path):
+  """Data parallel (pmap over 2 CPU devices, in a process of its own): AB's init steps
+  pmean the gradients and take the student's and the connectors' BatchNorm statistics
+  over the global batch, so in float64 they differ from one device's by rounding only."""
+  spec = {'devices': 2, 'x64_init_steps': ['ab'], 'out': str(tmp_path / 'x64')}
+  proc = _spawn(spec)
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, output[-3000:]
+  with open(spec['out'] + '.json') as f:
+    info = json.load(f)
+  assert info['device_count'] == 2
+  diffs = info['diffs']
+  assert {'ab/params', 'ab/batch_stats', 'ab/opt_state', 'ab/metrics'} <= set(diffs)
+  assert all(d < 1e-12 for d in diffs.values()), diffs
 
 
 @pytest.mark.parametrize('overrides,message', [
