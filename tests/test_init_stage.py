@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from kd_jax import checkpoints, methods, models, steps, train
 from kd_jax.methods import distiller
-from tests.conftest import data, tiny_config, tree_listing
+from tests.conftest import data, random_variables, tiny_config, tree_listing
 from tests.test_parallel import _spawn
 
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
@@ -34,7 +34,7 @@ def _init_stage(method, seed=0):
   state = steps.create_train_state(
       model, models.init_variables(model, jax.random.key(seed)), tx, seed,
       distiller.init_variables(d, ctx, jax.random.key(seed + 1), 4))
-  teacher = steps.Teacher(teacher_model, models.init_variables(teacher_model, jax.random.key(9)),
+  teacher = steps.Teacher(teacher_model, random_variables(teacher_model, 9),
                           batch_stats_mode=False)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
@@ -153,12 +153,12 @@ def test_ft_init_step_trains_only_the_paraphraser():
 
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
-  """A run directory holding an untrained resnet_32_8 as its best checkpoint: a teacher
+  """A run directory holding a random resnet_32_8 as its best checkpoint: a teacher
   without training one."""
   path = str(tmp_path_factory.mktemp('teacher'))
   model = models.create_model('resnet_32_8', 10)
   ckpt = checkpoints.RunCheckpoints(path)
-  ckpt.save_best(0, models.init_variables(model, jax.random.key(7)),
+  ckpt.save_best(0, random_variables(model, 7),
                  {'model': 'resnet_32_8', 'dataset': 'cifar10', 'num_classes': 10,
                   'image_shape': [32, 32, 3]})
   ckpt.close()

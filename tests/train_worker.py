@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from kd_jax import models, parallel, steps, train
 from kd_jax.methods import distiller
-from tests.conftest import TFDS_DATA_DIR, tiny_config, wrapped_evaluate
+from tests.conftest import TFDS_DATA_DIR, random_variables, tiny_config, wrapped_evaluate
 
 
 def compare_x64_steps(methods, num_steps=4):
@@ -93,8 +93,7 @@ def compare_x64_init_steps(methods, num_steps=2):
 
   single, sharded = (models.create_model('resnet8', 10, axis_name=a) for a in (None, parallel.AXIS))
   teacher_model = models.create_model('resnet_32_8', 10)
-  teacher = steps.Teacher(teacher_model, as64(models.init_variables(teacher_model,
-                                                                    jax.random.key(1))),
+  teacher = steps.Teacher(teacher_model, as64(random_variables(teacher_model, 1)),
                           batch_stats_mode=False)
   tx = steps.create_optimizer(0.05, 0.9, 5e-4)
   head = models.head_modules(single)
