@@ -166,10 +166,10 @@ def teacher_dir(tmp_path_factory):
 
 
 def _overrides(teacher_dir):
-  """AB from resnet_32_8 to resnet8 (32x32 maps to 28x28 ones: connectors), 2 init epochs
-  of 4 steps, then 1 epoch; a small lr keeps float32 rounding small between programs."""
-  return {'method': 'ab', 'model': 'resnet8', 'num_epochs': 1, 'learning_rate': 0.02,
-          'distill.ab.init_epochs': 2, 'teacher.checkpoint': teacher_dir}
+  """AB from resnet_32_8 to resnet8 (32x32 maps to 28x28 ones: connectors), 1 init epoch
+  of 4 steps, then 1 epoch, checkpoints every 2 steps."""
+  return {'method': 'ab', 'model': 'resnet8', 'num_epochs': 1, 'checkpoint_every_steps': 2,
+          'distill.ab.init_epochs': 1, 'teacher.checkpoint': teacher_dir}
 
 
 class _Lines(logging.Handler):
@@ -204,14 +204,13 @@ def test_init_stage_runs_first_and_is_recorded(reference):
   result, run_dir, lines = reference
   record = result['init_stage']
   assert (record['method'], record['trains'], record['epochs'], record['steps']) == (
-      'ab', 'student_features+method_params', 2, 8)
-  assert record['learning_rate'] == 0.02  # the run's
-  assert [h['epoch'] for h in record['history']] == [1, 2]
+      'ab', 'student_features+method_params', 1, 4)
+  assert record['learning_rate'] == tiny_config().learning_rate  # the run's
+  assert [h['epoch'] for h in record['history']] == [1]
   assert all(math.isfinite(h['init_loss']) and h['init_loss'] > 0 for h in record['history'])
   assert {'init_ab_stage1', 'init_grad_norm'} <= set(record['history'][0])
   assert result['steps'] == 4 and len(result['history']) == 1  # the main stage's own
-  assert [line.split(': ')[1] for line in lines if ': init loss' in line] == [
-      'init epoch 1/2', 'init epoch 2/2']
+  assert [line.split(': ')[1] for line in lines if ': init loss' in line] == ['init epoch 1/1']
   assert not (run_dir / checkpoints.INIT_STAGE).exists()  # gone once the main stage saved
 
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
@@ -227,17 +226,16 @@ def _best_params(run_dir):
 
 
 def test_stopped_runs_resume_where_they_stopped(tmp_path, teacher_dir, reference, monkeypatch):
-  """Stopped in the init stage (its second epoch's checkpoint not written), then in the
-  main stage (its first epoch's not written): each resumes where it stopped, the second
-  without the init stage, and the run is the uninterrupted one bit for bit."""
+  """Stopped in the init stage (at its step 4's checkpoint): it resumes from its step 2,
+  mid-epoch, and the run is the uninterrupted one bit for bit. A run past the init stage
+  (its result lost, its last checkpoint kept) never reruns it."""
   config = tiny_config(**_overrides(teacher_dir))
-  kills = [(checkpoints.INIT_STAGE, 8), (checkpoints.LATEST, 4)]
   real_save = checkpoints.RunCheckpoints.save_latest
 
   def save_or_die(self, step, state, meta):
-    if kills and kills[0] == (self.latest.directory.name, step):
-      kills.pop(0)
-      raise Killed(f'saving step {step} in {self.latest.directory.name}')
+    if (self.latest.directory.name, step) == (checkpoints.INIT_STAGE, 4):
+      monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', real_save)
+      raise Killed('saving the init stage\'s step 4')
     real_save(self, step, state, meta)
 
   init_stages = []
@@ -250,18 +248,21 @@ def test_stopped_runs_resume_where_they_stopped(tmp_path, teacher_dir, reference
 
   monkeypatch.setattr(checkpoints.RunCheckpoints, 'save_latest', save_or_die)
   monkeypatch.setattr(train, '_init_stage', counted)
+  run_dir = tmp_path / train.run_name(config)
   with data():
-    for _ in range(2):
-      with pytest.raises(Killed):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(Killed):
+      train.train_and_evaluate(config, str(tmp_path))
     resumed = train.train_and_evaluate(config, str(tmp_path))
-  assert init_stages == [0, 4]  # the second from the init stage's step 4 (its epoch 1)
-  assert not kills
-  result, run_dir, _ = reference
+    assert init_stages == [0, 2]  # the second from the init stage's step 2
+    (run_dir / 'result.json').unlink()
+    again = train.train_and_evaluate(config, str(tmp_path))
+  assert init_stages == [0, 2]
+  assert again == json.loads(json.dumps(resumed))
+  result, reference_dir, _ = reference
   for key in ('method', 'trains', 'epochs', 'steps', 'history'):
     assert resumed['init_stage'][key] == result['init_stage'][key], key
   assert resumed['history'] == result['history']
-  want, got = _best_params(run_dir), _best_params(tmp_path / train.run_name(config))
+  want, got = _best_params(reference_dir), _best_params(run_dir)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
