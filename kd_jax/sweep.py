@@ -250,9 +250,10 @@ TRAIN_SIZES = {'cifar10': 50000, 'cifar100': 50000}
 
 def estimate_hours(runs: Sequence[PlannedRun], benchmark: dict) -> Tuple[float, List[str]]:
   """(hours of the runs not done, notes) from the benchmark's measured rates: each run's
-  epochs (init stage's included) x training images / its pair's end-to-end images/s (the train step's rate where
-  the benchmark measured only that, plus a sixth for evaluation). A method the benchmark
-  did not time is estimated by the pair's 'kd' row (noted)."""
+  epochs (its init stage's included) x training images / its pair's end-to-end images/s
+  (the train step's rate where the benchmark measured only that, plus a sixth for
+  evaluation). A method the benchmark did not time is estimated by the pair's 'kd' row
+  (noted)."""
   rows = benchmark['rows']
   rate = {}
   for row in rows:

@@ -45,7 +45,8 @@ def _init_stage(method, seed=0):
 
 
 def _init_loss(method, kw, batch, teacher):
-  """The init stage's loss written out: (loss(params, method_state), new student stats)."""
+  """The init stage's loss written out: loss(state, params, method_state) -> (value,
+  the student's new BatchNorm statistics, or None where the student is not run)."""
   model, module = kw['model'], dict(kw['distiller'].parts)[method]
   t = teacher(batch['image'])
 
