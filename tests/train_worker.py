@@ -105,7 +105,7 @@ def compare_x64_init_steps(methods, num_steps=2):
     step1 = jax.jit(functools.partial(steps.init_stage_step, model=single, **kw))
     stepn = parallel.data_parallel(functools.partial(steps.init_stage_step, model=sharded, **kw), 1)
     state = steps.create_train_state(
-        single, as64(models.init_variables(single, jax.random.key(0))), tx, 0,
+        single, as64(random_variables(single, 0)), tx, 0,
         as64(distiller.init_variables(d, ctx, jax.random.key(3), 16)))
     c1 = cn = steps.create_init_stage_state(state, d.init_stage, head, tx)
     for i in range(num_steps):
