@@ -18,6 +18,9 @@ lr 0.05 (0.01 for MobileNetV2, ShuffleV1 and ShuffleV2 students), x0.1 after epo
 180 and 210; random crop with zero padding 4 and horizontal flip; mean (0.5071, 0.4867,
 0.4408), std (0.2675, 0.2565, 0.2761); the teacher's BatchNorm on running statistics.
 DKD's beta per pair is mdistiller's configs/cifar100/dkd/<pair>.yaml (8 where it sets none).
+AB, FT and FSP run RepDistiller's schedule: a 30-epoch init stage on their init terms
+(helper/pretrain.py: constant lr, the main lr; FT's 0.01 for resnet and wrn students),
+then the main stage without their loss (AB, FSP) or with it (FT, beta 200).
 """
 from configs import default
 from kd_jax import standard
@@ -66,7 +69,17 @@ def get_config(arg=None):
     config.distill.dkd.beta = DKD_BETA.get(options['pair'], 8.0)
   if 'fsp' in config.distill:  # RepDistiller's FSP, not the seed reference's
     config.distill.fsp.form = 'repdistiller'
+  for name in standard.INIT_STAGE_METHODS:
+    if name in config.distill:
+      config.distill[name].init_epochs = standard.INIT_EPOCHS
+      if name != 'ft':
+        config.distill[name].weight = 0.0
+  if 'ft' in config.distill and student in standard.FT_INIT_LR_001_STUDENTS:
+    config.distill.ft.init_learning_rate = 0.01
   if options['smoke']:
     config.train_split, config.eval_split = 'train[:1024]', 'test[:512]'
     config.num_epochs, config.lr_boundaries = 2, (1,)
+    for name in standard.INIT_STAGE_METHODS:
+      if name in config.distill:
+        config.distill[name].init_epochs = 1
   return config

@@ -2,6 +2,8 @@
 
 - `checkpoints/`: the latest train state and the loop's bookkeeping (epoch, best
   accuracy, history), for resuming; one kept (two for runs trained together).
+- `init_stage/`: the same for a run's init stage (kd_jax.train), until the main stage
+  has saved its first checkpoint.
 - `best/`: the student's variables ({'params', 'batch_stats'}) at its best test
   accuracy, with what a later user of them needs to check them (model, dataset,
   number of classes); this is what a distillation run loads as its teacher.
@@ -10,12 +12,13 @@ Orbax writes each checkpoint to a temporary directory and renames it when comple
 so an interrupted save never leaves a checkpoint that looks valid.
 """
 import os
+import shutil
 from typing import Any, List, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-LATEST, BEST = 'checkpoints', 'best'
+LATEST, BEST, INIT_STAGE = 'checkpoints', 'best', 'init_stage'
 
 
 class CheckpointError(RuntimeError):
@@ -38,13 +41,21 @@ def has_best(run_dir: str) -> bool:
   return os.path.isdir(path) and _manager(path, read_only=True).latest_step() is not None
 
 
-def saved_steps(run_dir: str) -> List[int]:
-  """The steps of `run_dir`'s latest checkpoints (none when it has none)."""
-  path = os.path.join(run_dir, LATEST)
+def saved_steps(run_dir: str, latest: str = LATEST) -> List[int]:
+  """The steps of `run_dir`'s latest checkpoints (none when it has none); `latest`:
+  their subdirectory (INIT_STAGE for the init stage's)."""
+  path = os.path.join(run_dir, latest)
   if not os.path.isdir(path):
     return []
   with _manager(path, read_only=True) as manager:
     return sorted(manager.all_steps())
+
+
+def remove_init_stage(run_dir: str):
+  """Deletes the init stage's checkpoints, once the main stage holds its result."""
+  path = os.path.join(run_dir, INIT_STAGE)
+  if jax.process_index() == 0 and os.path.isdir(path):
+    shutil.rmtree(path)
 
 
 def restore_best(run_dir: str) -> Tuple[Mapping[str, Any], dict]:
@@ -59,11 +70,12 @@ def restore_best(run_dir: str) -> Tuple[Mapping[str, Any], dict]:
 
 
 class RunCheckpoints:
-  """The latest (`keep` of them) and best checkpoints of one run directory."""
+  """The latest (`keep` of them, in subdirectory `latest`) and best checkpoints of one
+  run directory; the init stage's (latest=INIT_STAGE) have no best."""
 
-  def __init__(self, run_dir: str, keep: int = 1):
-    self.latest = _manager(os.path.join(run_dir, LATEST), keep=keep)
-    self.best = _manager(os.path.join(run_dir, BEST))
+  def __init__(self, run_dir: str, keep: int = 1, latest: str = LATEST):
+    self.latest = _manager(os.path.join(run_dir, latest), keep=keep)
+    self.best = _manager(os.path.join(run_dir, BEST)) if latest == LATEST else None
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[Any, dict]]:
     """(state, bookkeeping) of the latest checkpoint, or None when there is none."""
@@ -104,7 +116,8 @@ class RunCheckpoints:
 
   def close(self):
     self.latest.close()
-    self.best.close()
+    if self.best is not None:
+      self.best.close()
 
 
 def abstract(tree):

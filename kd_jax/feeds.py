@@ -6,8 +6,10 @@
 - 'tfds': tf.data batches from the host (kd_jax.input_pipeline), stacked
   `steps_per_dispatch` at a time and scanned over in one program.
 
-Both give a dispatch's per-step metrics as arrays [steps_per_dispatch] of which the
-first `num_steps` are real, and evaluate a whole split in one call per epoch on the
+A feed runs the steps of each stage it was given ({'main': train_step's keyword
+arguments, 'init': those of init_stage_step, when the run has an init stage}) on the
+same data path. Both give a dispatch's per-step metrics as arrays [steps_per_dispatch]
+of which the first `num_steps` are real, and evaluate a whole split in one call per epoch on the
 device path. Every feed works on a leading students axis (steps.over_students): states,
 variables and metrics [students, ...], one student per seed; the tf.data feed takes one
 (its batches follow one seed's data order). The two paths draw the same distributions from different random streams.
@@ -28,7 +30,7 @@ class DeviceTrainFeed:
   """Train steps on the split held by the devices, of one student or of one per seed
   (vmapped, states stacked on a leading axis)."""
 
-  def __init__(self, config, info, step_kw, seeds):
+  def __init__(self, config, info, stages, seeds):
     images, labels = input_pipeline.load_arrays(config.dataset, config.train_split,
                                                 config.data_dir)
     self.num_examples = len(labels)
@@ -38,23 +40,25 @@ class DeviceTrainFeed:
     self._data = parallel.replicate({'image': images, 'label': labels})
     self._seeds = jnp.asarray(seeds)
     run = steps.over_students(steps.train_steps_on_device, student_args=(0, 2))
-    self._run = parallel.device_parallel(
+    self._runs = {stage: parallel.device_parallel(
         functools.partial(run, num_steps=config.steps_per_dispatch,
                           batch_size=config.batch_size, num_shards=jax.device_count(),
                           augment=config.augment, padding_mode=config.crop_padding,
                           mean=info.mean, std=info.std, **step_kw),
         in_axes=(None, 0, None, None, None, None, None), donate_argnums=(0,))
+                  for stage, step_kw in stages.items()}
 
-  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
+  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int, stage='main'):
     """Steps first_step .. first_step + num_steps - 1 of the epoch."""
-    return self._run(state, self._data, self._seeds, epoch, first_step, num_steps, teacher)
+    return self._runs[stage](state, self._data, self._seeds, epoch, first_step, num_steps,
+                             teacher)
 
 
 class HostTrainFeed:
   """Train steps on tf.data batches, `steps_per_dispatch` per transfer."""
   labels = None  # not read ahead: methods learn the labels from the batches
 
-  def __init__(self, config, info, step_kw, seeds):
+  def __init__(self, config, info, stages, seeds):
     if list(seeds) != [config.seed]:
       raise ValueError(f'the tf.data feed trains one seed per run, not {list(seeds)}')
     self._data = input_pipeline.TrainData(config.dataset, config.train_split,
@@ -66,11 +70,11 @@ class HostTrainFeed:
     self._k = config.steps_per_dispatch
     self._position = None  # (epoch, next step) of self._batches
     self._batches = None
-    self._run = parallel.device_parallel(
+    self._runs = {stage: parallel.device_parallel(
         functools.partial(steps.over_students(steps.train_steps_from_batches), **step_kw),
-        in_axes=(None, 1, None, None), donate_argnums=(0,))
+        in_axes=(None, 1, None, None), donate_argnums=(0,)) for stage, step_kw in stages.items()}
 
-  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int):
+  def run(self, state, teacher, epoch: int, first_step: int, num_steps: int, stage='main'):
     if self._position != (epoch, first_step):
       self._batches = self._data.epoch(epoch, start_step=first_step)
     batches = list(itertools.islice(self._batches, num_steps))
@@ -78,7 +82,7 @@ class HostTrainFeed:
     # Pad to the compiled length; the padding steps are not run.
     batches += batches[-1:] * (self._k - num_steps)
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-    return self._run(state, parallel.shard(stacked, axis=1), num_steps, teacher)
+    return self._runs[stage](state, parallel.shard(stacked, axis=1), num_steps, teacher)
 
 
 class DeviceEvalFeed:

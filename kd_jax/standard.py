@@ -16,3 +16,12 @@ DKD_BETA = {'resnet56>>resnet20': 2.0, 'resnet110>>resnet32': 2.0, 'vgg13>>Mobil
 # 'base' is the vanilla student.
 METHODS = ('base', 'kd', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp',
            'nst', 'crd', 'kdsvd', 'ofd', 'reviewkd', 'dkd', 'dist')
+# Methods whose RepDistiller schedule is a 30-epoch init stage (helper/pretrain.py), then
+# the main stage without (ab, fsp: loss_kd 0) or with (ft: beta 200) their loss.
+INIT_STAGE_METHODS = ('ab', 'ft', 'fsp')
+INIT_EPOCHS = 30
+# Students whose FT init stage RepDistiller runs at lr 0.01 whatever the main lr
+# (helper/pretrain.py); the others at the main lr.
+FT_INIT_LR_001_STUDENTS = ('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
+                           'resnet110', 'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2',
+                           'wrn_40_1', 'wrn_40_2')

@@ -144,6 +144,93 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], teacher: Optio
   return new_state, metrics
 
 
+@struct.dataclass
+class InitStageState:
+  """The init stage's carry: the train state it trains a part of (its own step and
+  optimizer state stay those of a fresh main stage), that part's optimizer state (SGD
+  as the main stage's, lr constant) and the init steps done."""
+  train: TrainState
+  opt_state: Any
+  step: Any
+
+
+def init_stage_part(state: TrainState, init: distiller_lib.InitStage, head: Sequence[str]):
+  """The variables the init stage trains (see methods.INIT_STAGE_TRAINS); `head`: the
+  student's top-level modules it leaves alone (models.head_modules)."""
+  if init.trains == 'student_features+method_params':
+    return {'student': {k: v for k, v in state.params['student'].items() if k not in head},
+            'method': state.params['method'].get(init.method, {})}
+  name = init.trains.split(':', 1)[1]
+  return state.method_state[init.method][name]
+
+
+def with_init_stage_part(state: TrainState, init: distiller_lib.InitStage, part) -> TrainState:
+  """`state` with the variables `init_stage_part` took replaced by `part`."""
+  if init.trains == 'student_features+method_params':
+    method = dict(state.params['method'])
+    if init.method in method:  # a method without connectors has no entry
+      method[init.method] = part['method']
+    return state.replace(params={'student': {**state.params['student'], **part['student']},
+                                 'method': method})
+  name = init.trains.split(':', 1)[1]
+  own = {**state.method_state[init.method], name: part}
+  return state.replace(method_state={**state.method_state, init.method: own})
+
+
+def create_init_stage_state(state: TrainState, init: distiller_lib.InitStage, head,
+                            tx: optax.GradientTransformation) -> InitStageState:
+  return InitStageState(state, tx.init(init_stage_part(state, init, head)), jnp.int32(0))
+
+
+def init_stage_step(carry: InitStageState, batch: Mapping[str, jax.Array],
+                    teacher: Optional[Teacher], *, model: nn.Module,
+                    distiller: distiller_lib.Distiller, head: Sequence[str],
+                    tx: optax.GradientTransformation, axis_name: Optional[str] = None):
+  """One SGD step of the init stage (RepDistiller's helper/pretrain.py `init`): the
+  plain sum of the init method's `init_terms`, minimised over the part it trains. The
+  teacher runs as in the main stage; the student, when its features train, in train
+  mode, keeping the BatchNorm statistics of its feature layers only (its head stays in
+  eval mode there). Returns (new carry, metrics)."""
+  init, state = distiller.init_stage, carry.train
+  images = batch['image']
+  teacher_out = teacher(images)
+  method_batch = {'label': batch['label'],
+                  'index': batch.get('index', jnp.zeros_like(batch['label'])),
+                  'key': jax.random.fold_in(jax.random.fold_in(
+                      jax.random.wrap_key_data(state.rng), 1), carry.step),
+                  'axis_name': axis_name, 'teacher_variables': teacher.variables}
+  progress = {'epoch': jnp.int32(0), 'step': jnp.asarray(carry.step, jnp.int32)}
+  runs_student = init.trains == 'student_features+method_params'
+
+  def loss_fn(part):
+    trained = with_init_stage_part(state, init, part)
+    student_out, student_stats = None, state.batch_stats['student']
+    if runs_student:
+      (logits, features), updates = model.apply(
+          {'params': trained.params['student'], 'batch_stats': student_stats}, images,
+          train=True, mutable=['batch_stats'])
+      student_out = {**features, 'logits': logits}
+      student_stats = {k: v if k in head else updates['batch_stats'][k]
+                       for k, v in student_stats.items()}
+    terms, method_updates = distiller.init_terms(
+        {'params': trained.params['method'], 'batch_stats': state.batch_stats['method'],
+         'method_state': trained.method_state},
+        student_out, teacher_out, method_batch, progress)
+    total = sum(terms.values())
+    batch_stats = {'student': student_stats, 'method': method_updates['batch_stats']}
+    return total, (batch_stats, method_updates['method_state'], {'loss': total, **terms})
+
+  part = init_stage_part(state, init, head)
+  grads, (batch_stats, method_state, metrics) = jax.grad(loss_fn, has_aux=True)(part)
+  if axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+  metrics['grad_norm'] = optax.tree_utils.tree_norm(grads)
+  updates, opt_state = tx.update(grads, carry.opt_state, part)
+  state = state.replace(batch_stats=batch_stats, method_state=method_state)
+  state = with_init_stage_part(state, init, optax.apply_updates(part, updates))
+  return InitStageState(state, opt_state, carry.step + 1), metrics
+
+
 def eval_step(variables: Mapping, batch: Mapping[str, jax.Array], *, model: nn.Module,
               axis_name: Optional[str] = None):
   """Sums of loss and correct predictions over the batch's real (mask True) examples."""
@@ -175,9 +262,11 @@ def _scan_steps(state, xs, num_valid, step_fn):
   return jax.lax.scan(body, state, (jnp.arange(num_steps), xs))
 
 
-def train_steps_from_batches(state, batches, num_valid, teacher, *, axis_name=None, **step_kw):
-  """Up to K train steps in one program, on batches [K, batch, ...] fed by the host."""
-  step_fn = lambda state, batch: train_step(state, batch, teacher, axis_name=axis_name, **step_kw)
+def train_steps_from_batches(state, batches, num_valid, teacher, *, axis_name=None,
+                             step=train_step, **step_kw):
+  """Up to K steps (`step`: train_step, or init_stage_step) in one program, on batches
+  [K, batch, ...] fed by the host."""
+  step_fn = lambda state, batch: step(state, batch, teacher, axis_name=axis_name, **step_kw)
   return _scan_steps(state, batches, num_valid, step_fn)
 
 
@@ -190,24 +279,25 @@ def _device_part(batch_size: int, num_shards: int, axis_name):
 def train_steps_on_device(state, data, seed, epoch, first_step, num_valid, teacher, *,
                           num_steps: int, batch_size: int, num_shards: int, augment: bool,
                           padding_mode: str = 'reflect',
-                          mean, std, axis_name=None, **step_kw):
-  """Up to `num_steps` train steps (epoch steps first_step, ...) in one program, each
+                          mean, std, axis_name=None, step=train_step, **step_kw):
+  """Up to `num_steps` steps (`step`: train_step, or init_stage_step; epoch steps
+  first_step, ...) in one program, each
   gathering its batch from `data` ({'image': uint8 [N, H, W, C], 'label': [N]}, the whole
   split on the device) and augmenting it in the step. Inside pmap each of the
   `num_shards` devices takes its part of every global batch."""
   permutation = device_data.epoch_permutation(seed, epoch, data['label'].shape[0])
   start, size = _device_part(batch_size, num_shards, axis_name)
 
-  def step_fn(state, step):
-    indices = jax.lax.dynamic_slice(permutation, (step * batch_size + start,), (size,))
+  def step_fn(state, i):
+    indices = jax.lax.dynamic_slice(permutation, (i * batch_size + start,), (size,))
     images = data['image'][indices]
     if augment:
-      keys = device_data.example_keys(seed, epoch, step * batch_size + start + jnp.arange(size))
+      keys = device_data.example_keys(seed, epoch, i * batch_size + start + jnp.arange(size))
       images = device_data.augment(images, keys, mean, std, padding_mode=padding_mode)
     else:
       images = device_data.normalize(images, mean, std)
     batch = {'image': images, 'label': data['label'][indices], 'index': indices}
-    return train_step(state, batch, teacher, axis_name=axis_name, **step_kw)
+    return step(state, batch, teacher, axis_name=axis_name, **step_kw)
 
   return _scan_steps(state, first_step + jnp.arange(num_steps), num_valid, step_fn)
 

@@ -150,6 +150,9 @@ def cell_config(grid: Grid, cell: Cell, max_epochs: Optional[int] = None,
     scale = max_epochs / config.num_epochs
     config.lr_boundaries = tuple(sorted({max(1, round(b * scale)) for b in config.lr_boundaries}))
     config.num_epochs = max_epochs
+    for section in config.distill.values():  # an init stage shrinks alike
+      if section.get('init_epochs'):
+        section.init_epochs = max(1, round(section.init_epochs * scale))
     config.tag = f'{config.tag}_e{max_epochs}' if config.tag else f'e{max_epochs}'
   config.data_dir = data_dir
   if teachers_dir and rundir.needs_teacher(cell.method):
@@ -257,9 +260,10 @@ TRAIN_SIZES = {'cifar10': 50000, 'cifar100': 50000}
 
 def estimate_hours(runs: Sequence[PlannedRun], benchmark: dict) -> Tuple[float, List[str]]:
   """(hours of the runs not done, notes) from the benchmark's measured rates: each run's
-  epochs x training images / its pair's end-to-end images/s (the train step's rate where
-  the benchmark measured only that, plus a sixth for evaluation). A method the benchmark
-  did not time is estimated by the pair's 'kd' row (noted)."""
+  epochs (its init stage's included) x training images / its pair's end-to-end images/s
+  (the train step's rate where the benchmark measured only that, plus a sixth for
+  evaluation). A method the benchmark did not time is estimated by the pair's 'kd' row
+  (noted)."""
   rows = benchmark['rows']
   rate = {}
   for row in rows:
@@ -279,8 +283,10 @@ def estimate_hours(runs: Sequence[PlannedRun], benchmark: dict) -> Tuple[float, 
                        f'--models={c.teacher.model}>>{c.model} --batch={c.batch_size} --json=...')
     if key not in rate:
       notes.append(f'{run.name}: timed as another method of its pair')
-    # A partial run is counted in full (its epochs done are in its checkpoint).
-    hours += c.num_epochs * train_images(c) / value / 3600
+    # A partial run is counted in full (its epochs done are in its checkpoint); an init
+    # stage's epochs as main ones (they cost at most as much).
+    epochs = c.num_epochs + sum(s.get('init_epochs', 0) for s in c.distill.values())
+    hours += epochs * train_images(c) / value / 3600
   return hours, notes
 
 

@@ -188,12 +188,13 @@ def _new_meta():
           'history': [], 'epoch_end_wall_time_s': []}
 
 
-def _common_step(runs) -> int:
+def _common_step(runs, latest=checkpoints.LATEST) -> int:
   """The step that runs trained together resume from: the earliest of their latest
-  checkpoints. A group saves its runs one after the other, keeping two checkpoints
-  each (and one at step 0), so a group stopped between two of its runs' saves goes back
-  to the step before for all of them; its deterministic steps redo the same work."""
-  saved = [[] if run.config_change == 'restart' else checkpoints.saved_steps(run.dir)
+  checkpoints (in subdirectory `latest`). A group saves its runs one after the other,
+  keeping two checkpoints each (and one at step 0), so a group stopped between two of
+  its runs' saves goes back to the step before for all of them; its deterministic steps
+  redo the same work."""
+  saved = [[] if run.config_change == 'restart' else checkpoints.saved_steps(run.dir, latest)
            for run in runs]
   start = min(max(steps_, default=0) for steps_ in saved)
   for run, steps_ in zip(runs, saved):
@@ -272,10 +273,17 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
     teacher = steps.Teacher(teacher_model, jax.device_put(variables),
                             batch_stats_mode=bn_mode == 'batch')
 
+  init = distiller.init_stage
+  stages = {'main': dict(model=model, distiller=distiller, steps_per_epoch=ctx.steps_per_epoch,
+                         skip_nonfinite=config.skip_nonfinite_steps)}
+  if init is not None:
+    # RepDistiller's init stage: SGD as the main stage's, at a constant lr.
+    init_tx = steps.create_optimizer(init.learning_rate or config.learning_rate,
+                                     config.momentum, config.weight_decay, config.nesterov)
+    stages['init'] = dict(step=steps.init_stage_step, model=model, distiller=distiller,
+                          head=models.head_modules(model), tx=init_tx)
   train_feed_cls, eval_feed_cls = feeds.FEEDS[config.input_pipeline]
-  train_feed = train_feed_cls(config, info, dict(
-      model=model, distiller=distiller, steps_per_epoch=ctx.steps_per_epoch,
-      skip_nonfinite=config.skip_nonfinite_steps), seeds=[run.config.seed for run in active])
+  train_feed = train_feed_cls(config, info, stages, seeds=[run.config.seed for run in active])
   eval_feed = eval_feed_cls(config, info, model)
 
   stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
@@ -291,19 +299,145 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
       model, models.init_variables(model, jax.random.key(seed), info.image_shape), tx, seed,
       distiller_lib.init_variables(distiller, ctx, jax.random.fold_in(jax.random.key(seed), 1),
                                    config.batch_size // jax.device_count(), train_feed.labels))
-  states = []
+  states, restored = [], []
   for run in active:
     # Two steps kept: a group stopped while saving goes back to the step all its runs hold.
     run.ckpt = checkpoints.RunCheckpoints(run.dir, keep=2)
     if run.ckpt.discard_after(start):
       logging.info('%s goes back to step %d, where its group is', run.name, start)
     state = new_state(run.config.seed)
-    state, run.meta = (run.ckpt.restore_latest(checkpoints.abstract(state))
-                       or (state, _new_meta()))
+    latest = run.ckpt.restore_latest(checkpoints.abstract(state))
+    restored.append(latest is not None)
+    state, run.meta = latest or (state, _new_meta())
     states.append(state)
-  _train_group(active, parallel.like_outputs(_stack(states)), config, info, teacher,
-               train_feed, eval_feed, schedule)
+    run.writer = metric_writers.create_default_writer(run.dir,
+                                                      just_logging=jax.process_index() > 0)
+  state = parallel.like_outputs(_stack(states))
+  # The main stage's first checkpoint follows the init stage: a run that has one is past
+  # it (a group stopped between its runs' first saves redoes it from its last checkpoint).
+  if init is not None and not all(restored):
+    state = _init_stage(active, state, config, teacher, train_feed, init,
+                        stages['init']['head'], stages['init']['tx'])
+  if start == 0:  # a step every run of a group holds, should it stop mid-save later
+    for i, run in enumerate(active):
+      run.ckpt.save_latest(0, _take(state, i), run.meta)
+  for run in active:
+    checkpoints.remove_init_stage(run.dir)
+  _train_group(active, state, config, info, teacher, train_feed, eval_feed, schedule)
   return [run.result for run in runs]
+
+
+# Init epoch i draws the data order and augmentation of epoch INIT_DATA_EPOCH + i:
+# streams apart from the main stage's epochs.
+INIT_DATA_EPOCH = 1 << 20
+
+
+def _new_init_meta():
+  return {'epoch': 0, 'epoch_step': 0, 'epoch_metrics': [], 'history': [],
+          'wall_time_s': 0.0}
+
+
+def _init_stage(runs, state, config, teacher, train_feed, init, head, tx):
+  """RepDistiller's init stage (helper/pretrain.py) of `runs`, from `state` (their
+  stacked fresh train states): `init.epochs` epochs of SGD at a constant lr on the init
+  method's `init_terms`, over the same data path, no evaluation. Checkpointed in
+  `init_stage/` every epoch (and as the main stage is: checkpoint_every_steps, SIGTERM),
+  resumable there. Returns the train states it leaves (step 0, a fresh optimizer) and
+  records the stage in each run's meta ('init_stage')."""
+  steps_per_epoch = train_feed.steps_per_epoch
+  start = _common_step(runs, checkpoints.INIT_STAGE)
+  carries = []
+  for i, run in enumerate(runs):
+    run.init_ckpt = checkpoints.RunCheckpoints(run.dir, keep=2, latest=checkpoints.INIT_STAGE)
+    run.init_ckpt.discard_after(start)
+    carry = steps.create_init_stage_state(_take(state, i), init, head, tx)
+    carry, run.init_meta = (run.init_ckpt.restore_latest(checkpoints.abstract(carry))
+                            or (carry, _new_init_meta()))
+    carries.append(carry)
+  carry = parallel.like_outputs(_stack(carries))
+  meta0 = runs[0].init_meta  # the same epoch, epoch_step and wall time in every run
+  step = int(_take(carry, 0).step)
+  lr = init.learning_rate or config.learning_rate
+  logging.info('Init stage of %s (%s trains %s, %d epochs, lr %g)%s', _dirs(runs),
+               init.method, init.trains, init.epochs, lr,
+               f', resuming from its step {step}' if step else '')
+  stage_start = time.time() - meta0['wall_time_s']
+
+  def save():
+    for i, run in enumerate(runs):
+      run.init_meta['wall_time_s'] = time.time() - stage_start
+      run.init_ckpt.save_latest(step, _take(carry, i), run.init_meta)
+
+  if not step:  # a step every run of a group holds, should it stop mid-save later
+    save()
+
+  with _stop_on_signals() as stop:
+    for epoch in range(meta0['epoch'], init.epochs):
+      epoch_start, in_epoch = time.time(), meta0['epoch_step']
+      while in_epoch < steps_per_epoch:
+        num_steps = min(config.steps_per_dispatch, steps_per_epoch - in_epoch)
+        if config.checkpoint_every_steps:
+          num_steps = min(num_steps, config.checkpoint_every_steps
+                          - step % config.checkpoint_every_steps)
+        carry, metrics = train_feed.run(carry, teacher, INIT_DATA_EPOCH + epoch, in_epoch,
+                                        num_steps, stage='init')
+        _collect_init(runs, jax.device_get(metrics), num_steps, step, epoch)
+        step += num_steps
+        in_epoch += num_steps
+        if in_epoch < steps_per_epoch and (stop.signal or (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
+          for run in runs:
+            run.init_meta['epoch_step'] = in_epoch
+          save()
+          if stop.signal:
+            raise Interrupted(f'stopped by {stop.signal} at init-stage step {step}; the '
+                              f'checkpoint is saved in {_dirs(runs)}: rerun the same '
+                              'command to resume')
+      for run in runs:
+        _end_init_epoch(run, epoch, step, init.epochs, time.time() - epoch_start)
+      save()
+      if stop.signal and epoch + 1 < init.epochs:
+        raise Interrupted(f'stopped by {stop.signal} after init epoch {epoch + 1}; the '
+                          f'checkpoint is saved in {_dirs(runs)}: rerun the same command '
+                          'to resume')
+  for run in runs:
+    run.init_ckpt.close()
+    run.meta['init_stage'] = {
+        'method': init.method, 'trains': init.trains, 'epochs': init.epochs, 'steps': step,
+        'learning_rate': lr, 'wall_time_s': run.init_meta['wall_time_s'],
+        'history': run.init_meta['history']}
+  return carry.train
+
+
+def _collect_init(runs, metrics, num_steps, step, epoch):
+  """Keeps the init steps' metrics ([students, steps_per_dispatch]) in each run's
+  init meta; a non-finite step stops the run (its last init checkpoint is intact)."""
+  for i, run in enumerate(runs):
+    per_step = [{k: float(v[i][j]) for k, v in metrics.items()} for j in range(num_steps)]
+    for j, m in enumerate(per_step):
+      bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+      if bad:
+        terms = ', '.join(f'{k}={v}' for k, v in bad.items())
+        raise NonFiniteError(f'non-finite init-stage step {step + j + 1} (init epoch '
+                             f'{epoch + 1}) of {run.dir}: {terms}; lower '
+                             'config.distill.<method>.init_learning_rate')
+    run.init_meta['epoch_metrics'].extend(per_step)
+
+
+def _end_init_epoch(run, epoch, step, epochs, seconds):
+  """The init epoch's history entry, summaries (init/<metric>) and log line of one run."""
+  meta = run.init_meta
+  mean = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
+          for k in meta['epoch_metrics'][0]}
+  meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
+  meta['history'].append({'epoch': epoch + 1, 'step': step,
+                          **{f'init_{k}': v for k, v in mean.items()}})
+  run.writer.write_scalars(step, {'init/epoch': epoch + 1,
+                                  **{f'init/{k}': v for k, v in mean.items()}})
+  run.writer.flush()
+  terms = ', '.join(f'{k} {v:.4f}' for k, v in mean.items() if k not in ('loss', 'grad_norm'))
+  logging.info('%s: init epoch %d/%d: init loss %.4f (%s) | %.1fs', run.name, epoch + 1,
+               epochs, mean['loss'], terms, seconds)
 
 
 def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, schedule):
@@ -315,12 +449,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
   if step:
     logging.info('Resuming from step %d (epoch %d, step %d of %d).', step, meta0['epoch'] + 1,
                  meta0['epoch_step'], steps_per_epoch)
-  else:  # a step every run of a group holds, should it stop mid-save later
-    for i, run in enumerate(runs):
-      run.ckpt.save_latest(0, _take(state, i), run.meta)
   for run in runs:
-    run.writer = metric_writers.create_default_writer(run.dir,
-                                                      just_logging=jax.process_index() > 0)
     if not step:
       run.writer.write_hparams({
           k: str(v) if isinstance(v, (tuple, list)) else v
@@ -452,6 +581,8 @@ def _result(run, step) -> Dict[str, Any]:
       'epochs': meta['epoch'], 'steps': step, 'batch_size': config.batch_size,
       'wall_time_s': meta['wall_time_s'], 'train_time_s': meta['train_time_s'],
       'skipped_steps': meta['skipped_steps'],
+      # RepDistiller's init stage before these epochs (None: none); its time is its own.
+      'init_stage': meta.get('init_stage'),
       # Per run (a group's runs share their program); compilation is left out.
       'train_images_per_s': step * config.batch_size / max(meta['train_time_s'], 1e-9),
       'config_hash': config_hash(config), **_device_info(),

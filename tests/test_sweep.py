@@ -243,6 +243,18 @@ def test_standard_grid_plans_every_method_with_its_originals_settings(tmp_path):
   # Teacher in eval mode as both projects run it, but OFD's (train mode in mdistiller).
   assert {m for m, c in cells.items() if c.teacher.bn_mode == 'batch'} == {'ofd'}
   assert cells['fsp'].distill.fsp.form == 'repdistiller'
+  # RepDistiller's two stages for AB, FT and FSP: 30 init epochs, then CE alone (AB, FSP)
+  # or CE + 200 x FT; FT's init at lr 0.01 for a resnet student.
+  assert {m for m, c in cells.items() if c.distill[m].get('init_epochs')} == {'ab', 'ft', 'fsp'}
+  assert all(cells[m].distill[m].init_epochs == 30 for m in ('ab', 'ft', 'fsp'))
+  assert (cells['ab'].distill.ab.weight, cells['fsp'].distill.fsp.weight,
+          cells['ft'].distill.ft.weight) == (0.0, 0.0, 200.0)
+  assert cells['ft'].distill.ft.init_learning_rate == 0.01
+  assert cells['ab'].distill.ab.init_learning_rate is None  # the run's lr
+  (capped,) = [r for r in sweep.plan('cifar100_standard', str(tmp_path), methods=['ab'],
+                                     pairs=['resnet32x4>>resnet8x4'], seeds=[0], max_epochs=16)
+               if r.role == 'cell']
+  assert (capped.config.num_epochs, capped.config.distill.ab.init_epochs) == (16, 2)
 
 
 def test_methods_grid_plans_one_teacher_then_every_method_on_the_small_split(tmp_path):

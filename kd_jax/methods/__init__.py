@@ -30,6 +30,19 @@ BatchNorms) and 'method_state' (non-gradient state such as memory banks, updated
 the step). `ctx` gives the shapes of both models' outputs, so a module sizes its layers
 without running the models.
 
+An init stage (RepDistiller's, before the main training, for AB, FT and FSP): a method
+whose `Method.init_stage` says what that stage trains has a module method
+`init_terms(student, teacher, batch, progress, train)` returning the stage's terms
+(their plain sum is minimised) and the fields of `init_stage_fields()`; with
+`init_epochs` > 0 the training loop runs that stage first (kd_jax.train). What it
+trains (INIT_STAGE_TRAINS):
+- 'student_features+method_params': the student's parameters but its head
+  (`models.head_modules`: what RepDistiller's `get_feat_modules()` leaves out) and the
+  module's 'params'; the student runs in train mode and its feature layers' BatchNorm
+  statistics update;
+- 'method_state:<name>': only the module's method_state[<name>] (FT's paraphraser); the
+  student is not run (`student` is None).
+
 Adding a method: one module under kd_jax/methods/ that calls `register(Method(...))`,
 and its name in MODULES.
 """
@@ -77,6 +90,28 @@ class Method:
   needs_teacher: bool = True
   teacher_bn_mode: str = 'running'  # 'running' or 'batch' statistics for the teacher
   needs_labels: bool = False
+  init_stage: Optional[str] = None  # what its init stage trains (see above), or None
+
+
+# What an init stage may train; 'method_state:<name>' names the variable's subtree.
+INIT_STAGE_TRAINS = ('student_features+method_params', 'method_state:')
+
+
+def _init_epochs_ok(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def init_stage_fields(original_epochs: int) -> Mapping[str, Field]:
+  """The fields of a method with an init stage (its Method.init_stage)."""
+  return {
+      'init_epochs': Field(0, 'epochs of the init stage on `init_terms` before the main '
+                           f'training (RepDistiller: {original_epochs}; 0: one stage, '
+                           'the method trained jointly with CE as mdistiller does)',
+                           _init_epochs_ok, 'an integer >= 0'),
+      'init_learning_rate': Field(None, "the init stage's constant lr (None: the run's "
+                                  'learning_rate)', lambda x: x is None or positive(x),
+                                  'None or a number > 0'),
+  }
 
 
 class PureLoss(nn.Module):
@@ -105,6 +140,10 @@ def non_negative(x) -> bool:
 def register(method: Method) -> Method:
   if method.name in METHODS:
     raise ValueError(f'method {method.name!r} is registered twice')
+  if method.init_stage is not None and (
+      not method.init_stage.startswith(INIT_STAGE_TRAINS) or 'init_epochs' not in method.fields):
+    raise ValueError(f'method {method.name!r}: init_stage {method.init_stage!r} needs one of '
+                     f'{INIT_STAGE_TRAINS} and the fields of init_stage_fields()')
   METHODS[method.name] = method
   return method
 

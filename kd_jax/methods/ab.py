@@ -7,9 +7,9 @@ weighted 2^(i - n + 1) and every term is divided by the batch and by 1000 / 3.
 
 Two stages in RepDistiller: this loss alone trains the connector and the student's
 feature layers for 30 epochs (the init stage, `init_terms`), then the main stage is plain
-cross-entropy. kd_jax's default form instead trains `weight` x the loss jointly with the
-cross-entropy in one stage, as mdistiller trains all its methods; a run that wants
-RepDistiller's schedule runs the init stage on `init_terms` and then `weight` 0.
+cross-entropy. kd_jax's default (`init_epochs` 0) instead trains `weight` x the loss
+jointly with the cross-entropy in one stage, as mdistiller trains all its methods;
+RepDistiller's schedule is `init_epochs` 30 and `weight` 0 (configs/cifar100_standard.py).
 """
 import flax.linen as nn
 import jax
@@ -137,14 +137,15 @@ class _Connector(nn.Module):
 
 AB_METHOD = methods.register(methods.Method(
     name='ab', doc="Activation boundaries (Heo et al., AAAI 2019) as RepDistiller's AB.py, "
-    'trained jointly with CE (see the module docstring for the two-stage original).',
-    build=lambda cfg, ctx: AB(cfg),
+    'trained jointly with CE, or after its init stage (`init_epochs`) as RepDistiller.',
+    build=lambda cfg, ctx: AB(cfg), init_stage='student_features+method_params',
     fields={
         'weight': methods.Field(1.0, "weight of the summed stage terms in the joint form "
                                 "(RepDistiller's init stage trains their plain sum)",
                                 methods.non_negative, 'a number >= 0'),
         'margin': methods.Field(1.0, 'activation-boundary margin (AB.py: 1.0)',
                                 methods.positive, 'a number > 0'),
+        **methods.init_stage_fields(30),
     }))
 
 

@@ -51,6 +51,10 @@ def split_names(method: str) -> Tuple[str, ...]:
 def settings(method: methods.Method, overrides: Optional[Mapping[str, Any]] = None) -> Settings:
   """The method's field defaults with `overrides`; refuses unknown or unacceptable values."""
   overrides = dict(overrides or {})
+  if method.init_stage is None and 'init_epochs' in overrides:
+    with_stage = ', '.join(m for m in methods.names() if methods.get(m).init_stage)
+    raise ValueError(f'method {method.name!r} has no init stage (init_terms), so no '
+                     f'config.distill.{method.name}.init_epochs; methods with one: {with_stage}')
   unknown = sorted(set(overrides) - set(method.fields))
   if unknown:
     raise ValueError(f'config.distill.{method.name}.{unknown[0]} is not a field of method '
@@ -66,11 +70,22 @@ def settings(method: methods.Method, overrides: Optional[Mapping[str, Any]] = No
 
 
 @dataclasses.dataclass(frozen=True)
+class InitStage:
+  """The init stage of a run: method `method`'s init_terms train `trains` (its
+  Method.init_stage) for `epochs` epochs at a constant `learning_rate` (None: the run's)."""
+  method: str
+  trains: str
+  epochs: int
+  learning_rate: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Distiller:
   """The modules of a run's methods, applied one after the other."""
   parts: Tuple[Tuple[str, Any], ...]  # (method name, flax module)
   ce_weight: float
   needs_teacher: bool
+  init_stage: Optional[InitStage] = None  # None: no init stage
 
   def init(self, rng, student, teacher, batch, progress):
     variables = {c: {} for c in COLLECTIONS}
@@ -99,18 +114,37 @@ class Distiller:
       for term, value in out.items():
         if term in terms:
           raise ValueError(f'two methods of this run return a term named {term!r}')
-        value = jnp.asarray(value)  # at least float32; float64 stays float64
-        terms[term] = value.astype(jnp.promote_types(value.dtype, jnp.float32))
+        terms[term] = _float32_or_wider(value)
     return terms, updates
+
+  def init_terms(self, variables, student, teacher, batch, progress):
+    """(terms, updated mutable collections) of the init stage's method, in train mode."""
+    name = self.init_stage.method
+    module = dict(self.parts)[name]
+    own = {c: variables[c][name] for c in COLLECTIONS if name in variables.get(c, {})}
+    out, new = module.apply(own, student, teacher, batch, progress, train=True,
+                            method='init_terms', mutable=list(MUTABLE))
+    updates = {c: dict(variables.get(c, {})) for c in MUTABLE}
+    for collection, tree in new.items():
+      updates[collection][name] = tree
+    return {k: _float32_or_wider(v) for k, v in out.items()}, updates
+
+
+def _float32_or_wider(value):
+  value = jnp.asarray(value)  # at least float32; float64 stays float64
+  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
 def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.Context,
           ce_weight: Optional[float] = None) -> Distiller:
   """The Distiller of `method` ('a' or 'a+b'), fields from overrides[<name>]."""
-  parts, weight, needs_teacher = [], 1.0, False
+  parts, weight, needs_teacher, init_stages = [], 1.0, False, []
   for name in split_names(method):
     spec = methods.get(name)
     cfg = settings(spec, overrides.get(name))
+    if spec.init_stage is not None and cfg.init_epochs:
+      init_stages.append(InitStage(name, spec.init_stage, cfg.init_epochs,
+                                   cfg.init_learning_rate))
     try:
       module = spec.build(cfg, ctx)
     except (ValueError, KeyError, TypeError) as e:
@@ -119,7 +153,11 @@ def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.
     parts.append((name, module))
     weight *= spec.ce_weight(cfg) if callable(spec.ce_weight) else spec.ce_weight
     needs_teacher |= spec.needs_teacher
-  return Distiller(tuple(parts), weight if ce_weight is None else ce_weight, needs_teacher)
+  if len(init_stages) > 1:
+    raise ValueError('one method of a run may have an init stage, not '
+                     f"{', '.join(s.method for s in init_stages)} (their init_epochs)")
+  return Distiller(tuple(parts), weight if ce_weight is None else ce_weight, needs_teacher,
+                   init_stages[0] if init_stages else None)
 
 
 def example_inputs(ctx: methods.Context, batch_size: int):

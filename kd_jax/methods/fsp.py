@@ -6,10 +6,11 @@
   consecutive pair the larger map is average-pooled to the smaller, G[b, j, i] = mean over
   space of bot_i top_j, and the term is mean (G_s - G_t)^2; it needs equal channels.
   RepDistiller trains with these terms only in a 30-epoch init stage on the student's
-  feature layers (`init_terms`, their plain sum), then plain cross-entropy. kd_jax's form
-  instead trains `weight` x their sum jointly with the cross-entropy in one stage, as
-  mdistiller trains all its methods; for RepDistiller's schedule run the init stage on
-  `init_terms`, then weight 0.
+  feature layers (`init_terms`, their plain sum), then plain cross-entropy. kd_jax's
+  default (`init_epochs` 0) instead trains `weight` x their sum jointly with the
+  cross-entropy in one stage, as mdistiller trains all its methods; RepDistiller's
+  schedule is `init_epochs` 30 and `weight` 0. The init stage's terms are this form's
+  whatever `form` says.
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ FSP_METHOD = methods.register(methods.Method(
     name='fsp', doc="Flow of solution procedure (Yim et al.): the seed reference's form or "
     "RepDistiller's (see `form`).",
     build=lambda cfg, ctx: FSP(cfg), teacher_bn_mode='batch',
+    init_stage='student_features+method_params',
     fields={
         'weight': methods.Field(1.0, 'weight of the FSP term (the reference: 1; RepDistiller '
                                 "form: weight of the pair terms' sum in the joint form)",
@@ -72,4 +74,5 @@ FSP_METHOD = methods.register(methods.Method(
         'form': methods.Field('reference', "'reference' (the seed's one-stage form) or "
                               "'repdistiller' (RepDistiller's FSP.py terms)",
                               lambda v: v in FORMS, ' or '.join(map(repr, FORMS))),
+        **methods.init_stage_fields(30),
     }))

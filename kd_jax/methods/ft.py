@@ -10,8 +10,9 @@ the term is `weight` x mean |factor_s - factor_t|.
 
 The paraphraser is not trained in the main stage (RepDistiller optimises only the
 translator there), so its weights live in the 'method_state' collection, never in
-'params': the main stage neither moves nor weight-decays them; the init stage trains
-them (differentiate `init_terms` with respect to method_state['paraphraser']).
+'params': the main stage neither moves nor weight-decays them; the init stage
+(`init_epochs` > 0; RepDistiller: 30) trains them alone. With `init_epochs` 0 the
+paraphraser stays random, so RepDistiller's FT needs the init stage.
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -155,8 +156,9 @@ def to_torch_key(path):
 FT_METHOD = methods.register(methods.Method(
     name='ft', doc="Factor transfer (Kim et al., NeurIPS 2018) as RepDistiller's FT.py "
     '(main stage; `init_terms` is the paraphraser\'s init stage).',
-    build=_build,
+    build=_build, init_stage='method_state:paraphraser',
     fields={
         'weight': methods.Field(200.0, "beta (RepDistiller's run_cifar_distill.sh: -b 200)",
                                 methods.non_negative, 'a number >= 0'),
+        **methods.init_stage_fields(30),
     }))

@@ -13,7 +13,9 @@ A family module (FAMILIES below) defines `build(name, num_classes, **kwargs)`, w
 returns its model for a name it owns and None otherwise (raising ValueError for a name
 it owns with impossible numbers), `NAMES_HELP` (the names it accepts, for errors), and
 `torch_module(path)` (the PyTorch module name of a Flax module path, see
-kd_jax.torch_import). Adding a family is one module and one line here.
+kd_jax.torch_import) and `HEAD` (its top-level modules that RepDistiller's
+`get_feat_modules()` leaves out: the classifier and what only feeds it). Adding a
+family is one module and one line here.
 """
 import functools
 import importlib
@@ -49,6 +51,12 @@ def create_model(name: str, num_classes: int, **kwargs):
 def torch_module_name(model, path) -> str:
   """PyTorch module name of the Flax module `path` (unrolled layout) of `model`."""
   return importlib.import_module(type(model).__module__).torch_module(tuple(path))
+
+
+def head_modules(model):
+  """The names of `model`'s top-level modules after its feature layers (the family's
+  HEAD): what an init stage of the student's features leaves alone."""
+  return importlib.import_module(type(model).__module__).HEAD
 
 
 def init_variables(model, rng, image_shape=(32, 32, 3)):

@@ -78,6 +78,8 @@ class MobileNetV2(nn.Module):
 
 
 _NAME = re.compile(r'^(?:MobileNetV2|mobilenetv2_(\d+)_(\d+(?:\.\d+)?))$')
+# Top-level modules outside RepDistiller's get_feat_modules() (its last 1x1 conv too).
+HEAD = ('conv2_conv', 'conv2_bn', 'classifier')
 NAMES_HELP = "'MobileNetV2' (mobile_half: expansion 6, width 0.5) or 'mobilenetv2_<T>_<W>'"
 
 

@@ -110,6 +110,8 @@ class CifarResNet(nn.Module):
 
 
 _MODEL_NAME = re.compile(r'^(resnet_32_|resnet)(\d+)(x4|_a)?$')
+# Top-level modules outside RepDistiller's get_feat_modules().
+HEAD = ('fc',)
 NAMES_HELP = ("'resnet<depth>' (mdistiller's: 8, 14, 20, 32, 44, 56, 110), 'resnet<depth>x4' "
               "(resnet8x4, resnet32x4), 'resnet<depth>_a' (He et al.'s option-A shortcuts) or "
               "'resnet_32_<depth>' (the seed reference's 7x7-stem model), depth 6n+2")

@@ -85,6 +85,8 @@ class ResNetV2(nn.Module):
 
 
 _NAME = re.compile(r'^ResNet(\d+)$')
+# Top-level modules outside RepDistiller's get_feat_modules().
+HEAD = ('linear',)
 NAMES_HELP = "'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101' or 'ResNet152' (resnetv2)"
 
 

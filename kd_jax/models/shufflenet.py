@@ -154,6 +154,8 @@ class ShuffleV2(nn.Module):
 
 
 _NAME = re.compile(r'^(ShuffleV1|ShuffleV2)(?:_(\d+(?:\.\d+)?))?$')
+# Top-level modules outside RepDistiller's get_feat_modules() (ShuffleV2's last 1x1 conv too).
+HEAD = ('conv2', 'bn2', 'linear')
 NAMES_HELP = f"'ShuffleV1', 'ShuffleV2' or 'ShuffleV2_<size>' (size one of {', '.join(V2_SIZES)})"
 
 

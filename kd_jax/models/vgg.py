@@ -67,6 +67,8 @@ class VGG(nn.Module):
 
 
 _NAME = re.compile(r'^vgg(\d+)$')
+# Top-level modules outside RepDistiller's get_feat_modules().
+HEAD = ('classifier',)
 NAMES_HELP = "'vgg8', 'vgg11', 'vgg13', 'vgg16' or 'vgg19' (with BatchNorm)"
 
 

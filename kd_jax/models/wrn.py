@@ -104,6 +104,8 @@ class WideResNet(nn.Module):
 
 
 _NAME = re.compile(r'^wrn_(\d+)_(\d+)$')
+# Top-level modules outside RepDistiller's get_feat_modules() (its final BatchNorm too).
+HEAD = ('bn1', 'fc')
 NAMES_HELP = "'wrn_<depth>_<width>' (depth 6n+4, width >= 1: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2)"
 
 
