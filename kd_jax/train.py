@@ -313,17 +313,19 @@ def train_runs(config: ml_collections.ConfigDict, workdir: str,
     run.writer = metric_writers.create_default_writer(run.dir,
                                                       just_logging=jax.process_index() > 0)
   state = parallel.like_outputs(_stack(states))
-  # The main stage's first checkpoint follows the init stage: a run that has one is past
-  # it (a group stopped between its runs' first saves redoes it from its last checkpoint).
-  if init is not None and not all(restored):
-    state = _init_stage(active, state, config, teacher, train_feed, init,
-                        stages['init']['head'], stages['init']['tx'])
-  if start == 0:  # a step every run of a group holds, should it stop mid-save later
-    for i, run in enumerate(active):
-      run.ckpt.save_latest(0, _take(state, i), run.meta)
-  for run in active:
-    checkpoints.remove_init_stage(run.dir)
-  _train_group(active, state, config, info, teacher, train_feed, eval_feed, schedule)
+  # From the first checkpoint on, SIGTERM/SIGINT save and stop (at the next dispatch).
+  with _stop_on_signals() as stop:
+    # The main stage's first checkpoint follows the init stage: a run that has one is past
+    # it (a group stopped between its runs' first saves redoes it from its last checkpoint).
+    if init is not None and not all(restored):
+      state = _init_stage(active, state, config, teacher, train_feed, init,
+                          stages['init']['head'], stages['init']['tx'], stop)
+    if start == 0:  # a step every run of a group holds, should it stop mid-save later
+      for i, run in enumerate(active):
+        run.ckpt.save_latest(0, _take(state, i), run.meta)
+    for run in active:
+      checkpoints.remove_init_stage(run.dir)
+    _train_group(active, state, config, info, teacher, train_feed, eval_feed, schedule, stop)
   return [run.result for run in runs]
 
 
@@ -337,7 +339,7 @@ def _new_init_meta():
           'wall_time_s': 0.0}
 
 
-def _init_stage(runs, state, config, teacher, train_feed, init, head, tx):
+def _init_stage(runs, state, config, teacher, train_feed, init, head, tx, stop):
   """RepDistiller's init stage (helper/pretrain.py) of `runs`, from `state` (their
   stacked fresh train states): `init.epochs` epochs of SGD at a constant lr on the init
   method's `init_terms`, over the same data path, no evaluation. Checkpointed in
@@ -371,35 +373,34 @@ def _init_stage(runs, state, config, teacher, train_feed, init, head, tx):
   if not step:  # a step every run of a group holds, should it stop mid-save later
     save()
 
-  with _stop_on_signals() as stop:
-    for epoch in range(meta0['epoch'], init.epochs):
-      epoch_start, in_epoch = time.time(), meta0['epoch_step']
-      while in_epoch < steps_per_epoch:
-        num_steps = min(config.steps_per_dispatch, steps_per_epoch - in_epoch)
-        if config.checkpoint_every_steps:
-          num_steps = min(num_steps, config.checkpoint_every_steps
-                          - step % config.checkpoint_every_steps)
-        carry, metrics = train_feed.run(carry, teacher, INIT_DATA_EPOCH + epoch, in_epoch,
-                                        num_steps, stage='init')
-        _collect_init(runs, jax.device_get(metrics), num_steps, step, epoch)
-        step += num_steps
-        in_epoch += num_steps
-        if in_epoch < steps_per_epoch and (stop.signal or (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
-          for run in runs:
-            run.init_meta['epoch_step'] = in_epoch
-          save()
-          if stop.signal:
-            raise Interrupted(f'stopped by {stop.signal} at init-stage step {step}; the '
-                              f'checkpoint is saved in {_dirs(runs)}: rerun the same '
-                              'command to resume')
-      for run in runs:
-        _end_init_epoch(run, epoch, step, init.epochs, time.time() - epoch_start)
-      save()
-      if stop.signal and epoch + 1 < init.epochs:
-        raise Interrupted(f'stopped by {stop.signal} after init epoch {epoch + 1}; the '
-                          f'checkpoint is saved in {_dirs(runs)}: rerun the same command '
-                          'to resume')
+  for epoch in range(meta0['epoch'], init.epochs):
+    epoch_start, in_epoch = time.time(), meta0['epoch_step']
+    while in_epoch < steps_per_epoch:
+      num_steps = min(config.steps_per_dispatch, steps_per_epoch - in_epoch)
+      if config.checkpoint_every_steps:
+        num_steps = min(num_steps, config.checkpoint_every_steps
+                        - step % config.checkpoint_every_steps)
+      carry, metrics = train_feed.run(carry, teacher, INIT_DATA_EPOCH + epoch, in_epoch,
+                                      num_steps, stage='init')
+      _collect_init(runs, jax.device_get(metrics), num_steps, step, epoch)
+      step += num_steps
+      in_epoch += num_steps
+      if in_epoch < steps_per_epoch and (stop.signal or (
+          config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
+        for run in runs:
+          run.init_meta['epoch_step'] = in_epoch
+        save()
+        if stop.signal:
+          raise Interrupted(f'stopped by {stop.signal} at init-stage step {step}; the '
+                            f'checkpoint is saved in {_dirs(runs)}: rerun the same '
+                            'command to resume')
+    for run in runs:
+      _end_init_epoch(run, epoch, step, init.epochs, time.time() - epoch_start)
+    save()
+    if stop.signal and epoch + 1 < init.epochs:
+      raise Interrupted(f'stopped by {stop.signal} after init epoch {epoch + 1}; the '
+                        f'checkpoint is saved in {_dirs(runs)}: rerun the same command '
+                        'to resume')
   for run in runs:
     run.init_ckpt.close()
     run.meta['init_stage'] = {
@@ -440,7 +441,7 @@ def _end_init_epoch(run, epoch, step, epochs, seconds):
                epochs, mean['loss'], terms, seconds)
 
 
-def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, schedule):
+def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, schedule, stop):
   """The epoch loop of `runs` (one, or several vmapped: `state` stacked), from their
   common step; sets each run's result."""
   steps_per_epoch = train_feed.steps_per_epoch
@@ -492,7 +493,7 @@ def _train_group(runs, state, config, info, teacher, train_feed, eval_feed, sche
     for run in runs:
       run.meta['train_time_s'] += seconds
 
-  with _stop_on_signals() as stop, _CompileTime() as compile_time:
+  with _CompileTime() as compile_time:
     for epoch in range(meta0['epoch'], config.num_epochs):
       segment_start = time.time()
       pending = []
