@@ -159,7 +159,9 @@ def write(table, runs, out: str) -> Optional[List[str]]:
   if not pair_columns(table):
     return None
   table_rows = rows(table, load_published())
-  lines = ['# The CIFAR-100 table (teacher >> student)', ''] + markdown(table_rows, runs)
+  names = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
+  datasets = ', '.join(sorted({names.get(c[0], c[0]) for c in pair_columns(table)}))
+  lines = [f'# The {datasets} table (teacher >> student)', ''] + markdown(table_rows, runs)
   lines += ['', '![gains](gains.png)']
   with open(os.path.join(out, 'standard.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
