@@ -229,6 +229,8 @@ def test_gradient_convolutions_are_nhwc():
 @pytest.mark.parametrize('size,c_in,c_out,k,stride,pad,groups', [
     (32, 3, 16, 7, 1, 1, 1), (28, 16, 32, 3, 2, 1, 1), (28, 16, 32, 1, 2, 0, 1),
     (32, 16, 32, 3, 2, 1, 1), (9, 4, 4, 3, 2, 1, 1), (7, 8, 8, 3, 1, 1, 1),
+    # strides larger than the kernel or than the padding, uneven padding: every phase case
+    (10, 4, 6, 1, 3, 0, 1), (11, 3, 5, 2, 2, 0, 1), (12, 3, 5, 5, 3, 2, 1), (8, 2, 3, 3, 2, 0, 1),
     # ShuffleNet's grouped 1x1, MobileNetV2's and ShuffleNet's depthwise 3x3
     (8, 12, 24, 1, 1, 0, 3), (9, 6, 6, 3, 2, 1, 6), (8, 6, 6, 3, 1, 1, 6)])
 @pytest.mark.parametrize('wgrad_chunk', [5, 1000])
@@ -260,3 +262,17 @@ def test_nhwc_conv_gradient_equals_autodiff(size, c_in, c_out, k, stride, pad, g
       np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
       for got, want in zip(vjp(dy), vjp_ref(dy)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Both forms of each gradient, whichever backend runs here: XLA:CPU's (per-phase
+    # input gradient, 1x1 kernel gradient as a matmul) and the other backends'.
+    dx_want, dw_want = vjp_ref(dy)
+    forms = [layers._input_grad_dilated(dy, w, x.shape[1:3], *args, groups)]
+    if groups == 1 and stride > 1:
+      forms.append(layers._input_grad_phases(dy, w, x.shape[1:3], *args))
+    for got in forms:
+      np.testing.assert_allclose(got, dx_want, rtol=1e-12, atol=1e-12)
+    forms = [layers._kernel_grad(x, dy, w.shape, *args, groups, chunk)
+             for chunk in (wgrad_chunk, x.shape[0])]
+    if groups == 1 and k == 1:
+      forms.append(layers._kernel_grad_1x1(x, dy, *args))
+    for got in forms:
+      np.testing.assert_allclose(got, dw_want, rtol=1e-12, atol=1e-12)
