@@ -193,27 +193,6 @@ def test_seeds_of_a_cell_are_grouped_when_consecutive(tmp_path):
       sweep.plan('small', str(tmp_path), methods=['st'], seeds=[0, 2, 3]))] == [[0], [0], [2, 3]]
 
 
-def test_small_grid_with_seeds_together(tmp_path, monkeypatch):
-  workdir = str(tmp_path / 'runs')
-  groups = []
-  real_train_runs = train.train_runs
-
-  def recorded(config, root, *args):
-    groups.append([rundir.run_name(c) for c in train.seed_configs(config)])
-    return real_train_runs(config, root, *args)
-
-  monkeypatch.setattr(train, 'train_runs', recorded)
-  runs = sweep.plan('small', workdir, methods=['st'], seeds=[0, 1], max_epochs=1,
-                    data_dir=TFDS_DATA_DIR)
-  with _data():
-    trained = sweep.run(runs, workdir, log=lambda _: None, seeds_together=True)
-  assert trained == [run.name for run in runs]
-  assert groups == [[runs[0].name], [runs[1].name, runs[2].name]]  # the teacher alone
-  for run in runs:
-    with open(os.path.join(run.run_dir, 'result.json')) as f:
-      assert json.load(f)['seed'] == run.cell.seed
-
-
 def test_standard_grid_plans_teachers_once_and_vanilla_students_once(tmp_path):
   runs = sweep.plan('cifar100_standard', str(tmp_path), methods=['base', 'kd', 'dkd'])
   teachers_ = [run for run in runs if run.role == 'teacher']
@@ -327,3 +306,98 @@ def test_a_method_that_cannot_use_a_pair_is_skipped_before_anything_is_written(t
     assert sweep.run(runs, str(tmp_path), log=log.append) == []
   assert "skipped: method 'fsp' cannot" in log[-1] and 'resnet8x4' in log[-1]
   assert not os.listdir(tmp_path)
+
+
+def _save_published_teacher(teachers_dir, model_name, num_classes):
+  """A random teacher saved as RepDistiller's train_teacher.py saves the published
+  cifar_teachers files (the ones mdistiller downloads): {'epoch', 'model', 'accuracy',
+  'optimizer'} with torch.save, at <model>_vanilla/ckpt_epoch_240.pth."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from kd_jax import models, torch_import  # pylint: disable=g-import-not-at-top
+  model = models.create_model(model_name, num_classes)
+  state = torch_import.flax_to_torch(models.init_variables(model, jax.random.key(7)), model)
+  state = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+  optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05, momentum=0.9)
+  path = os.path.join(teachers_dir, f'{model_name}_vanilla', 'ckpt_epoch_240.pth')
+  os.makedirs(os.path.dirname(path))
+  torch.save({'epoch': 240, 'model': state, 'accuracy': 0.0,
+              'optimizer': optimizer.state_dict()}, path)
+  return path
+
+
+@pytest.mark.parametrize('dataset,methods,seeds_together', [
+    ('cifar100', ('base', 'kd'), False), ('cifar10', ('base', 'dkd'), True)])
+def test_small_standard_grid_with_a_published_teacher_end_to_end(dataset, methods,
+                                                                 seeds_together, tmp_path,
+                                                                 monkeypatch):
+  """The standard grid's machinery on tiny runs: a .pth teacher imported (not trained),
+  two seeds of each method (one run each, or trained together), rerun trains nothing,
+  the report equals the runs."""
+  pytest.importorskip('torch')
+  if dataset == 'cifar10' and not TFDS_DATA_DIR:
+    pytest.skip('real CIFAR-10 only where KD_TFDS_DATA_DIR is set (CIFAR-100 runs on mock data)')
+  import csv  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kd_jax import report  # pylint: disable=g-import-not-at-top
+  pair = 'resnet14>>resnet8'
+  monkeypatch.setitem(sweep.GRIDS, 'tiny_standard', dataclasses.replace(
+      sweep.GRIDS['cifar100_standard'], methods=methods, datasets=(dataset,),
+      pairs=(pair,), seeds=(0, 1), tag='tiny',
+      overrides=(('train_split', 'train[:256]'), ('eval_split', 'test[:128]'),
+                 ('num_epochs', 2), ('lr_boundaries', (1,)), ('eval_batch_size', 128))))
+  teachers_dir = str(tmp_path / 'cifar_teachers')
+  pth = _save_published_teacher(teachers_dir, 'resnet14', 100 if dataset == 'cifar100' else 10)
+  workdir = str(tmp_path / 'runs')
+  data_dir = TFDS_DATA_DIR if dataset == 'cifar10' else None
+  runs = sweep.plan('tiny_standard', workdir, data_dir=data_dir, teachers_dir=teachers_dir)
+  # No teacher run: the published file is every student's teacher.
+  assert [(r.role, r.config.method, r.cell.seed) for r in runs] == [
+      ('cell', m, s) for s in (0, 1) for m in methods]
+  assert all(r.config.teacher.checkpoint == pth for r in runs if r.config.method != 'base')
+  groups = []
+  real_train_runs = train.train_runs
+
+  def recorded(config, root, *args):
+    groups.append([rundir.run_name(c) for c in train.seed_configs(config)])
+    return real_train_runs(config, root, *args)
+
+  monkeypatch.setattr(train, 'train_runs', recorded)
+  with contextlib.nullcontext() if data_dir else tfds.testing.mock_data(num_examples=256):
+    trained = sweep.run(runs, workdir, log=lambda _: None, seeds_together=seeds_together)
+    assert sorted(trained) == sorted(r.name for r in runs)
+    listing = tree_listing(workdir)
+    again = sweep.plan('tiny_standard', workdir, data_dir=data_dir, teachers_dir=teachers_dir)
+    assert sweep.run(again, workdir, log=lambda _: None, seeds_together=seeds_together) == []
+  # Each run trained once, no teacher; with seeds_together a cell's two seeds in one program.
+  by_method = {m: [r.name for r in runs if r.config.method == m] for m in methods}
+  assert groups == ([by_method[m] for m in methods] if seeds_together
+                    else [[r.name] for r in runs])
+  assert tree_listing(workdir) == listing
+  assert not [d for d in os.listdir(workdir) if d.startswith('base_') and 'resnet14' in d]
+
+  results = {}
+  for r in runs:
+    with open(os.path.join(r.run_dir, 'result.json')) as f:
+      results[r.config.method, r.cell.seed] = json.load(f)
+  out = report.write_report(workdir, str(tmp_path / 'report'), expected_seeds=2)
+  with open(os.path.join(out, 'standard.csv')) as f:
+    table = {row['method']: row for row in csv.DictReader(f)}
+  assert sorted(table) == sorted(methods)
+  for method, row in table.items():
+    assert (row['dataset'], row['pair'], row['n'], row['seeds']) == (dataset, pair, '2', '0 1')
+    for protocol, key in (('best', 'best_accuracy'), ('last', 'final_accuracy')):
+      accuracies = [100 * results[method, s][key] for s in (0, 1)]
+      assert float(row[f'{protocol}_mean']) == pytest.approx(np.mean(accuracies), abs=1e-4)
+      assert float(row[f'{protocol}_std']) == pytest.approx(np.std(accuracies, ddof=1), abs=1e-4)
+      vanilla = np.mean([100 * results['base', s][key] for s in (0, 1)])
+      if method != 'base':
+        assert float(row[f'{protocol}_gain']) == pytest.approx(np.mean(accuracies) - vanilla,
+                                                               abs=1e-4)
+    assert row['published'] == ''  # no published number for this pair
+  wall = sum(result['wall_time_s'] for result in results.values())
+  assert f'Cost: {len(runs)} runs, {wall / 3600:.2f} h of wall time' in open(
+      os.path.join(out, 'standard.md')).read()
+  assert os.path.getsize(os.path.join(out, 'gains.png')) > 1000
