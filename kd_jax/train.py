@@ -8,7 +8,6 @@ the baseline run of its model, reused by every student that needs it.
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os

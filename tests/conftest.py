@@ -5,6 +5,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -51,6 +53,28 @@ def import_reference(vectors, prefix, model_name, num_classes=None):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
+
+
+def spawn_worker(spec):
+  """tests/train_worker.py on `spec` in a process of its own (its own device count)."""
+  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish_worker(proc):
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, output[-3000:]
+
+
+def run_worker(spec):
+  """Runs the worker on `spec` to the end; returns what it wrote to spec['out'] + '.json'."""
+  finish_worker(spawn_worker(spec))
+  with open(spec['out'] + '.json') as f:
+    return json.load(f)
+
+
 # tiny_config's test split; mock data ignores split slicing and gives 256 examples.
 TINY_TEST_IMAGES = 200 if TFDS_DATA_DIR else 256
 

@@ -13,8 +13,7 @@ from flax import traverse_util
 
 from kd_jax import checkpoints, methods, models, steps, train
 from kd_jax.methods import distiller
-from tests.conftest import data, random_variables, tiny_config, tree_listing
-from tests.test_parallel import _spawn
+from tests.conftest import data, random_variables, run_worker, tiny_config, tree_listing
 
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 TEACHERS = {'ab': 'resnet_32_8', 'ft': 'resnet8'}  # ab: 32x32 -> 28x28 maps, connectors
@@ -273,11 +272,7 @@ def test_two_devices_take_the_init_step_of_one_device_in_float64(tmp_path):
   pmean the gradients and take the student's and the connectors' BatchNorm statistics
   over the global batch, so in float64 they differ from one device's by rounding only."""
   spec = {'devices': 2, 'x64_init_steps': ['ab'], 'out': str(tmp_path / 'x64')}
-  proc = _spawn(spec)
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output[-3000:]
-  with open(spec['out'] + '.json') as f:
-    info = json.load(f)
+  info = run_worker(spec)
   assert info['device_count'] == 2
   diffs = info['diffs']
   assert {'ab/params', 'ab/batch_stats', 'ab/opt_state', 'ab/metrics'} <= set(diffs)

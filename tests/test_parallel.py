@@ -3,29 +3,15 @@ what one device computes on the same global batch."""
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import TINY_TEST_IMAGES
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
-
-
-def _spawn(spec):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+from tests.conftest import TINY_TEST_IMAGES, run_worker, spawn_worker
 
 
 def _run(spec):
-  proc = _spawn(spec)
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output[-3000:]
-  with open(spec['out'] + '.json') as f:
-    return dict(np.load(spec['out'])), json.load(f)
+  info = run_worker(spec)
+  return dict(np.load(spec['out'])), info
 
 
 def _assert_close(a, b, rtol):
@@ -48,11 +34,7 @@ def test_four_devices_step_as_one_device_in_float64(tmp_path):
   too: each device updates its banks with the whole batch, and draws the negatives of its
   examples as one device draws them."""
   spec = {'devices': 4, 'x64_steps': ['base', 'at+st', 'crd'], 'out': str(tmp_path / 'x64')}
-  proc = _spawn(spec)
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output[-3000:]
-  with open(spec['out'] + '.json') as f:
-    info = json.load(f)
+  info = run_worker(spec)
   assert info['device_count'] == 4
   diffs = info['diffs']
   assert diffs.pop('eval_count') == 11
@@ -80,7 +62,7 @@ def test_four_devices_train_as_one_device(tmp_path):
 
 
 def test_batch_not_divisible_by_the_devices_is_refused(tmp_path):
-  proc = _spawn({'devices': 3, 'workdir': str(tmp_path), 'runs': [{'method': 'base'}],
+  proc = spawn_worker({'devices': 3, 'workdir': str(tmp_path), 'runs': [{'method': 'base'}],
                  'out': str(tmp_path / 'x.npz')})
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode != 0
@@ -95,7 +77,7 @@ def test_two_processes_agree_and_only_process_0_writes(tmp_path):
   specs = [{'devices': 1, 'workdir': str(tmp_path / 'runs'), 'runs': [{'method': 'base'}],
             'out': str(tmp_path / f'p{i}.npz'), 'num_processes': 2, 'process_id': i,
             'port': port} for i in range(2)]
-  procs = [_spawn(spec) for spec in specs]
+  procs = [spawn_worker(spec) for spec in specs]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]

@@ -13,23 +13,14 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoints, train
-from tests.conftest import REPO, data, tiny_config, tree_listing
+from tests.conftest import REPO, data, finish_worker, spawn_worker, tiny_config, tree_listing
 
-WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
 STEPS_PER_EPOCH, EPOCHS = 4, 3  # tiny_config: 256 images, batch 64
 
 
 def _spawn(workdir, out, **overrides):
-  spec = {'devices': 1, 'workdir': str(workdir), 'out': str(out),
-          'runs': [{'num_epochs': EPOCHS, **overrides}]}
-  return subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc):
-  output, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, output[-3000:]
+  return spawn_worker({'devices': 1, 'workdir': str(workdir), 'out': str(out),
+                       'runs': [{'num_epochs': EPOCHS, **overrides}]})
 
 
 def _saved_steps(run_dir):
@@ -55,7 +46,7 @@ def _assert_same_run(a, b):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('uninterrupted')
-  _finish(_spawn(tmp / 'runs', tmp / 'out.npz', checkpoint_every_steps=1))
+  finish_worker(_spawn(tmp / 'runs', tmp / 'out.npz', checkpoint_every_steps=1))
   return _outputs(tmp / 'out.npz')
 
 
@@ -76,7 +67,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_result(tmp_path, un
     proc.wait()
     kills.append(_saved_steps(run_dir)[-1])
   assert kills == sorted(kills) and kills[-1] < STEPS_PER_EPOCH * EPOCHS
-  _finish(_spawn(tmp_path / 'runs', tmp_path / 'out.npz', checkpoint_every_steps=1))
+  finish_worker(_spawn(tmp_path / 'runs', tmp_path / 'out.npz', checkpoint_every_steps=1))
   _assert_same_run(_outputs(tmp_path / 'out.npz'), uninterrupted)
 
 
@@ -90,7 +81,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path, uninterrupted):
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode != 0 and 'stopped by SIGTERM' in output, output[-3000:]
   assert _saved_steps(run_dir)[-1] > 4 or 'after epoch 1' in output
-  _finish(_spawn(tmp_path / 'runs', tmp_path / 'out.npz', checkpoint_every_steps=5))
+  finish_worker(_spawn(tmp_path / 'runs', tmp_path / 'out.npz', checkpoint_every_steps=5))
   _assert_same_run(_outputs(tmp_path / 'out.npz'), uninterrupted)
 
 

@@ -3,7 +3,6 @@
 Runs use real CIFAR-10 from KD_TFDS_DATA_DIR when it is set (CI sets it), mock
 data otherwise; every run is a tiny model on a few hundred images.
 """
-import contextlib
 import glob
 import json
 import os
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
 from kd_jax import checkpoints, steps, train
 from tests.conftest import (REPO, TFDS_DATA_DIR, TINY_TEST_IMAGES, data, tiny_config,
                             tree_listing, wrapped_evaluate, write_tiny_cifar10)

@@ -6,7 +6,7 @@ name in every collection ({'params': {'crd': ...}, 'method_state': {'crd': ...}}
 No ml_collections here: the train step runs where only jax and flax are installed.
 """
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp

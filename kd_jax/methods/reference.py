@@ -3,7 +3,6 @@ kd_jax.methods.fsp (with RepDistiller's form beside it). (Its `at`, the same for
 mdistiller's, is kd_jax/methods/at.py.)"""
 import jax.numpy as jnp
 
-from kd_jax import methods
 from kd_jax.methods.common import mse, wide
 
 

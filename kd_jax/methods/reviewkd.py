@@ -8,10 +8,7 @@ for its standard pairs: in = the student's widths (stages, then pooled), out = t
 teacher's, shapes / out_shapes = the student's / teacher's spatial sizes from the
 deepest level up (the pooled level is 1), mid = min(max_mid_channel, in[-1]).
 """
-import math
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
