@@ -25,8 +25,9 @@ written to <workdir>/report. --dry_run prints the plan, each run's status and, w
 
 Cells run one after another in this process (no subprocess per cell: each would pay
 TensorFlow's and JAX's start-up, and the loop already resumes after a crash). With
---seeds_together the consecutive seeds of a cell train in one program (config.num_seeds,
-jax.vmap over students), in the same run directories.
+--seeds_together (the default where JAX's backend is an accelerator) the consecutive
+seeds of a cell train in one program (config.num_seeds, jax.vmap over students), in the
+same run directories.
 """
 import dataclasses
 import json
@@ -349,6 +350,13 @@ def run(runs: Sequence[PlannedRun], workdir: str, log: Callable[[str], None] = p
   return trained
 
 
+def seeds_together_by_default() -> bool:
+  """Where JAX's default backend is an accelerator, a cell's seeds train together (the
+  vmapped students fill the device); on a CPU separate runs are faster."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend() != 'cpu'
+
+
 # What train.py says, before writing anything, of a method that cannot use a pair.
 UNSUPPORTED = re.compile(r"^method '[^']+' cannot (distil between|compare)")
 
@@ -376,8 +384,13 @@ def main(argv):
             f'({flags_.benchmark})', flush=True)
     if flags_.dry_run:
       return
+    together = flags_.seeds_together
+    if together is None:
+      together = seeds_together_by_default()
+      print(f'seeds together: {"on" if together else "off"} (the default on this backend; '
+            '--seeds_together or --noseeds_together to choose)', flush=True)
     run(runs, flags_.workdir, log=lambda msg: (print(msg, flush=True), logging.info(msg)),
-        seeds_together=flags_.seeds_together)
+        seeds_together=together)
     print(format_plan(runs), flush=True)
     if flags_.report:
       from kd_jax import report  # pylint: disable=g-import-not-at-top
@@ -406,9 +419,9 @@ def _define_flags():
   flags.DEFINE_integer('max_epochs', None, 'Caps every run at this many epochs (a quick pass; '
                        'lr drops scaled to match; capped runs get their own run '
                        'directories, tag e<N>).')
-  flags.DEFINE_boolean('seeds_together', False, 'Train the consecutive seeds of each cell in '
-                       'one program (config.num_seeds; for accelerators: on a CPU separate runs '
-                       'are faster).')
+  flags.DEFINE_boolean('seeds_together', None, 'Train the consecutive seeds of each cell in '
+                       'one program (config.num_seeds). Default: on where JAX\'s backend is an '
+                       'accelerator, off on a CPU (separate runs are faster there).')
   flags.DEFINE_boolean('dry_run', False, 'Print the plan (run dir and done/partial/todo) '
                        'and exit.')
   flags.DEFINE_string('data_dir', None, 'A local TFDS folder holding the datasets.')

@@ -193,6 +193,13 @@ def test_seeds_of_a_cell_are_grouped_when_consecutive(tmp_path):
       sweep.plan('small', str(tmp_path), methods=['st'], seeds=[0, 2, 3]))] == [[0], [0], [2, 3]]
 
 
+def test_seeds_train_together_by_default_on_accelerators_only(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  for backend, together in (('cpu', False), ('gpu', True), ('tpu', True)):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert sweep.seeds_together_by_default() == together
+
+
 def test_standard_grid_plans_teachers_once_and_vanilla_students_once(tmp_path):
   runs = sweep.plan('cifar100_standard', str(tmp_path), methods=['base', 'kd', 'dkd'])
   teachers_ = [run for run in runs if run.role == 'teacher']
