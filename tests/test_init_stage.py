@@ -128,6 +128,49 @@ def test_ab_init_steps_train_student_features_and_connectors_by_sgd():
       np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_at_weight_0_after_the_init_stage_the_main_step_runs_neither_method_nor_teacher():
+  """RepDistiller's AB and FSP main stage (init stage, then weight 0) is CE alone: kd_jax
+  does not run their modules there (no terms, connector statistics kept) nor the teacher,
+  and the student steps as with the weighted-by-0 terms computed."""
+  model = models.create_model('resnet8', 10)
+  teacher_model = models.create_model(TEACHERS['ab'], 10)
+  kw = dict(batch_size=4, num_classes=10, train_size=64, steps_per_epoch=4)
+  off, ctx = distiller.for_models('ab', {'ab': {'init_epochs': 1, 'weight': 0.0}}, model,
+                                  teacher_model, **kw)
+  on, _ = distiller.for_models('ab', {'ab': {'weight': 0.0}}, model, teacher_model, **kw)
+  assert (off.main_stage_off, off.needs_teacher) == (('ab',), False)
+  assert (on.main_stage_off, on.needs_teacher) == ((), True)
+  fsp, _ = distiller.for_models('fsp', {'fsp': {'init_epochs': 1, 'weight': 0.0}}, model,
+                                models.create_model('resnet8', 10), **kw)
+  assert (fsp.main_stage_off, fsp.needs_teacher) == (('fsp',), False)
+  weighted, _ = distiller.for_models('ab', {'ab': {'init_epochs': 1}}, model, teacher_model,
+                                     **kw)
+  assert (weighted.main_stage_off, weighted.needs_teacher) == ((), True)
+
+  tx = steps.create_optimizer(LR, MOMENTUM, WD)
+  state = steps.create_train_state(
+      model, models.init_variables(model, jax.random.key(0)), tx, 0,
+      distiller.init_variables(off, ctx, jax.random.key(1), 4))
+  teacher = steps.Teacher(teacher_model, random_variables(teacher_model, 9),
+                          batch_stats_mode=False)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 4), jnp.int32)}
+  new_off, metrics_off = steps.train_step(state, batch, None, model=model, distiller=off,
+                                          steps_per_epoch=4)
+  new_on, metrics_on = steps.train_step(state, batch, teacher, model=model, distiller=on,
+                                        steps_per_epoch=4)
+  assert 'kd_ab' in metrics_on and 'kd_ab' not in metrics_off
+  assert 'teacher_accuracy' not in metrics_off
+  for part in ('params', 'batch_stats'):
+    a, b = _flat(getattr(new_off, part)['student']), _flat(getattr(new_on, part)['student'])
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=f'{part}/{k}')
+  # The connectors' BatchNorm statistics: kept by the skipped module, updated by the run one.
+  assert not _changed(state.batch_stats['method'], new_off.batch_stats['method'])
+  assert _changed(state.batch_stats['method'], new_on.batch_stats['method'])
+
+
 def test_ft_init_step_trains_only_the_paraphraser():
   carry, kw, batch, teacher = _init_stage('ft')
   state0 = carry.train

@@ -84,8 +84,12 @@ class Distiller:
   """The modules of a run's methods, applied one after the other."""
   parts: Tuple[Tuple[str, Any], ...]  # (method name, flax module)
   ce_weight: float
-  needs_teacher: bool
+  needs_teacher: bool  # in the main stage's step (an init stage always runs the teacher)
   init_stage: Optional[InitStage] = None  # None: no init stage
+  # Methods whose main stage adds nothing: an init stage, then weight 0 (RepDistiller's
+  # AB and FSP). Their modules are not run there, as RepDistiller does not run them: no
+  # terms, no connector statistics, and no teacher forward when no other method needs it.
+  main_stage_off: Tuple[str, ...] = ()
 
   def init(self, rng, student, teacher, batch, progress):
     variables = {c: {} for c in COLLECTIONS}
@@ -103,6 +107,8 @@ class Distiller:
     """(terms, updated mutable collections)."""
     terms, updates = {}, {c: dict(variables.get(c, {})) for c in MUTABLE}
     for name, module in self.parts:
+      if name in self.main_stage_off:
+        continue
       own = {c: variables[c][name] for c in COLLECTIONS if name in variables.get(c, {})}
       if train:
         out, new = module.apply(own, student, teacher, batch, progress, train=True,
@@ -138,13 +144,15 @@ def _float32_or_wider(value):
 def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.Context,
           ce_weight: Optional[float] = None) -> Distiller:
   """The Distiller of `method` ('a' or 'a+b'), fields from overrides[<name>]."""
-  parts, weight, needs_teacher, init_stages = [], 1.0, False, []
+  parts, weight, needs_teacher, init_stages, off = [], 1.0, False, [], []
   for name in split_names(method):
     spec = methods.get(name)
     cfg = settings(spec, overrides.get(name))
     if spec.init_stage is not None and cfg.init_epochs:
       init_stages.append(InitStage(name, spec.init_stage, cfg.init_epochs,
                                    cfg.init_learning_rate))
+      if cfg.to_dict().get('weight') == 0:
+        off.append(name)
     try:
       module = spec.build(cfg, ctx)
     except (ValueError, KeyError, TypeError) as e:
@@ -152,12 +160,12 @@ def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.
       raise ValueError(f'method {name!r} cannot distil between these models: {detail}') from None
     parts.append((name, module))
     weight *= spec.ce_weight(cfg) if callable(spec.ce_weight) else spec.ce_weight
-    needs_teacher |= spec.needs_teacher
+    needs_teacher |= spec.needs_teacher and name not in off
   if len(init_stages) > 1:
     raise ValueError('one method of a run may have an init stage, not '
                      f"{', '.join(s.method for s in init_stages)} (their init_epochs)")
   return Distiller(tuple(parts), weight if ce_weight is None else ce_weight, needs_teacher,
-                   init_stages[0] if init_stages else None)
+                   init_stages[0] if init_stages else None, tuple(off))
 
 
 def example_inputs(ctx: methods.Context, batch_size: int):
