@@ -285,9 +285,13 @@ def estimate_hours(runs: Sequence[PlannedRun], benchmark: dict) -> Tuple[float, 
     if key not in rate:
       notes.append(f'{run.name}: timed as another method of its pair')
     # A partial run is counted in full (its epochs done are in its checkpoint); an init
-    # stage's epochs as main ones (they cost at most as much).
-    epochs = c.num_epochs + sum(s.get('init_epochs', 0) for s in c.distill.values())
-    hours += epochs * train_images(c) / value / 3600
+    # stage's epochs as main ones (they cost at most as much). After an init stage at
+    # weight 0 (AB, FSP) the main stage is CE alone: timed as the student's base run.
+    init_epochs = sum(s.get('init_epochs', 0) for s in c.distill.values())
+    main_value = value
+    if any(s.get('init_epochs') and s.get('weight') == 0 for s in c.distill.values()):
+      main_value = rate.get(('base', c.model, c.model, c.batch_size), value)
+    hours += (c.num_epochs / main_value + init_epochs / value) * train_images(c) / 3600
   return hours, notes
 
 

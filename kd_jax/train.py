@@ -427,8 +427,7 @@ def _collect_init(runs, metrics, num_steps, step, epoch):
 def _end_init_epoch(run, epoch, step, epochs, seconds):
   """The init epoch's history entry, summaries (init/<metric>) and log line of one run."""
   meta = run.init_meta
-  mean = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
-          for k in meta['epoch_metrics'][0]}
+  mean = _mean_metrics(meta['epoch_metrics'])
   meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
   meta['history'].append({'epoch': epoch + 1, 'step': step,
                           **{f'init_{k}': v for k, v in mean.items()}})
@@ -542,11 +541,17 @@ def _dirs(runs) -> str:
   return ', '.join(run.dir for run in runs)
 
 
+def _mean_metrics(epoch_metrics) -> Dict[str, float]:
+  """Each metric's mean over the epoch's steps that have it (an epoch resumed under
+  another kd_jax version may have gained or lost one)."""
+  keys = dict.fromkeys(k for m in epoch_metrics for k in m)
+  return {k: float(np.mean([m[k] for m in epoch_metrics if k in m])) for k in keys}
+
+
 def _end_epoch(run, epoch, step, lr, test, state, info, seconds, label):
   """The epoch's summaries, history and best checkpoint of one run."""
   meta, config = run.meta, run.config
-  train = {k: float(np.mean([m[k] for m in meta['epoch_metrics']]))
-           for k in meta['epoch_metrics'][0]}
+  train = _mean_metrics(meta['epoch_metrics'])
   meta.update(epoch=epoch + 1, epoch_step=0, epoch_metrics=[])
   if test['accuracy'] > meta['best_accuracy']:
     meta['best_accuracy'], meta['best_epoch'] = test['accuracy'], epoch + 1

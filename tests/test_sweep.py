@@ -135,7 +135,7 @@ def _data():
 
 def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'runs')
-  selection = dict(methods=['base', 'st', 'at'], seeds=[0], max_epochs=1)
+  selection = dict(methods=['base', 'st'], seeds=[0], max_epochs=1)
   calls = []
   real_train_and_evaluate = train.train_and_evaluate
 
@@ -149,8 +149,7 @@ def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
     sweep.run(runs, workdir, log=lambda _: None)
   # The teacher first, once; the students found it.
   assert calls == ['base_cifar10_resnet_32_8_seed0_small_e1',
-                   'st_cifar10_resnet_32_8_from_resnet_32_8_seed0_small_e1',
-                   'at_cifar10_resnet_32_8_from_resnet_32_8_seed0_small_e1']
+                   'st_cifar10_resnet_32_8_from_resnet_32_8_seed0_small_e1']
   for run in runs:
     with open(os.path.join(run.run_dir, 'result.json')) as f:
       result = json.load(f)
@@ -166,17 +165,17 @@ def test_small_grid_end_to_end_then_rerun_trains_nothing(tmp_path, monkeypatch):
   listing = tree_listing(workdir)
   proc = subprocess.run(
       [sys.executable, '-m', 'kd_jax.sweep', '--grid=small', f'--workdir={workdir}',
-       '--methods=base,st,at', '--seeds=0', '--max_epochs=1'],
+       '--methods=base,st', '--seeds=0', '--max_epochs=1'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert '3 runs: 3 done, 0 partial, 0 todo' in proc.stdout
+  assert '2 runs: 2 done, 0 partial, 0 todo' in proc.stdout
   assert 'training' not in proc.stdout and 'resuming' not in proc.stdout
   after = tree_listing(workdir)
   assert {k: v for k, v in after.items() if not k.startswith('report')} == listing
   report_dir = os.path.join(workdir, 'report')
   table = open(os.path.join(report_dir, 'table.md')).read()
   assert '| Method | CIFAR 10 8 >> 8 | avg |' in table
-  assert all(f'| {label} |' in table for label in ('baseline', 'ST', 'AT'))
+  assert all(f'| {label} |' in table for label in ('baseline', 'ST'))
   for png in ('curves_cifar10_resnet_32_8.png', 'bars.png'):
     assert os.path.getsize(os.path.join(report_dir, png)) > 1000
 
@@ -285,6 +284,14 @@ def test_dry_run_estimates_hours_from_the_benchmark(tmp_path):
   assert len(notes) == 2 and all('timed as another method' in n for n in notes)
   with pytest.raises(ValueError, match='no row for resnet32x4>>resnet8x4 at batch 64'):
     sweep.estimate_hours(runs, {'rows': rows[1:]})
+  # AB in the standard config: 30 init epochs timed as kd, then CE alone, timed as the
+  # student's base run.
+  rows.append({'method': 'base', 'teacher': None, 'student': 'resnet8x4', 'batch': 64,
+               'step_img_s': 1200.0})
+  ab = sweep.plan('cifar100_standard', str(tmp_path), methods=['ab'],
+                  pairs=['resnet32x4>>resnet8x4'], seeds=[0])
+  hours, _ = sweep.estimate_hours([r for r in ab if r.role == 'cell'], {'rows': rows})
+  assert abs(hours - 50000 * (30 / 500 + 240 / 1000) / 3600) < 1e-9
   proc = subprocess.run(
       [sys.executable, '-m', 'kd_jax.sweep', '--grid=cifar100_standard',
        f'--workdir={tmp_path}', '--methods=kd', "--pairs=resnet32x4>>resnet8x4", '--seeds=0',

@@ -246,3 +246,11 @@ def test_run_directory_of_an_earlier_kd_jax_is_refused_in_one_line(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
   assert '\n' not in str(e.value)
   assert tree_listing(tmp_path) == before
+
+
+def test_epoch_metrics_average_each_key_over_the_steps_that_have_it():
+  """An epoch resumed under a kd_jax that logs other metrics (e.g. AB at weight 0 after its
+  init stage no longer logs kd_ab and teacher_accuracy) still ends."""
+  steps_metrics = [{'loss': 1.0, 'kd_ab': 2.0, 'teacher_accuracy': 0.5}, {'loss': 3.0}]
+  assert train._mean_metrics(steps_metrics) == {  # pylint: disable=protected-access
+      'loss': 2.0, 'kd_ab': 2.0, 'teacher_accuracy': 0.5}
