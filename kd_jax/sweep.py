@@ -289,7 +289,7 @@ def estimate_hours(runs: Sequence[PlannedRun], benchmark: dict) -> Tuple[float, 
     # weight 0 (AB, FSP) the main stage is CE alone: timed as the student's base run.
     init_epochs = sum(s.get('init_epochs', 0) for s in c.distill.values())
     main_value = value
-    if any(s.get('init_epochs') and s.get('weight') == 0 for s in c.distill.values()):
+    if any(distiller.off_in_main_stage(s) for s in c.distill.values()):
       main_value = rate.get(('base', c.model, c.model, c.batch_size), value)
     hours += (c.num_epochs / main_value + init_epochs / value) * train_images(c) / 3600
   return hours, notes

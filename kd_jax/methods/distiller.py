@@ -141,6 +141,11 @@ def _float32_or_wider(value):
   return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
+def off_in_main_stage(fields: Mapping[str, Any]) -> bool:
+  """Whether a method with these settings adds nothing after its init stage (weight 0)."""
+  return bool(fields.get('init_epochs')) and fields.get('weight') == 0
+
+
 def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.Context,
           ce_weight: Optional[float] = None) -> Distiller:
   """The Distiller of `method` ('a' or 'a+b'), fields from overrides[<name>]."""
@@ -151,7 +156,7 @@ def build(method: str, overrides: Mapping[str, Mapping[str, Any]], ctx: methods.
     if spec.init_stage is not None and cfg.init_epochs:
       init_stages.append(InitStage(name, spec.init_stage, cfg.init_epochs,
                                    cfg.init_learning_rate))
-      if cfg.to_dict().get('weight') == 0:
+      if off_in_main_stage(cfg.to_dict()):
         off.append(name)
     try:
       module = spec.build(cfg, ctx)
